@@ -1,0 +1,85 @@
+"""The model catalog: which models exist, who serves them and what they cost."""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from textgen.errors import ConfigurationError
+
+MICRO = 1_000_000  # credits are stored as integer micro-credits
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    name: str
+    provider: str
+    input_price: float
+    output_price: float
+    max_output_tokens: int
+    default_output_tokens: int
+    capabilities: frozenset[str]
+    upstream_name: str
+    input_price_long: float | None = None
+    output_price_long: float | None = None
+    long_context_threshold: int | None = None
+
+    def prices(self, input_tokens: int) -> tuple[float, float]:
+        if self.long_context_threshold is not None and input_tokens > self.long_context_threshold:
+            return (self.input_price_long or self.input_price, self.output_price_long or self.output_price)
+        return self.input_price, self.output_price
+
+
+@dataclass(frozen=True, slots=True)
+class Pricing:
+    """Converts token counts into integer micro-credits."""
+
+    credits_per_usd: float
+
+    def cost(self, spec: ModelSpec, input_tokens: int, output_tokens: int) -> int:
+        in_price, out_price = spec.prices(input_tokens)
+        usd = (input_tokens * in_price + output_tokens * out_price) / 1_000_000
+        return math.ceil(round(usd * self.credits_per_usd * MICRO, 6))
+
+
+def to_micro(credits: float) -> int:
+    return round(credits * MICRO)
+
+
+def from_micro(micro: int) -> float:
+    return micro / MICRO
+
+
+def _spec(name: str, raw: dict[str, Any]) -> ModelSpec:
+    try:
+        return ModelSpec(
+            name=name,
+            provider=str(raw["provider"]),
+            input_price=float(raw["input_price"]),
+            output_price=float(raw["output_price"]),
+            max_output_tokens=int(raw.get("max_output_tokens", 8192)),
+            default_output_tokens=int(raw.get("default_output_tokens", raw.get("max_output_tokens", 8192))),
+            capabilities=frozenset(raw.get("capabilities", ["text"])),
+            upstream_name=str(raw.get("upstream_name", name)),
+            input_price_long=raw.get("input_price_long"),
+            output_price_long=raw.get("output_price_long"),
+            long_context_threshold=raw.get("long_context_threshold"),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigurationError(f"model {name!r}: invalid entry ({exc})") from exc
+
+
+def load_catalog(extra_file: Path | None = None) -> dict[str, ModelSpec]:
+    """Read the packaged model list, then the user's file on top of it."""
+    text = resources.files("textgen").joinpath("models.toml").read_text(encoding="utf-8")
+    entries: dict[str, Any] = dict(tomllib.loads(text)["models"])
+    if extra_file is not None:
+        try:
+            entries.update(tomllib.loads(extra_file.read_text(encoding="utf-8")).get("models", {}))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigurationError(f"TEXTGEN_MODELS_FILE {extra_file}: {exc}") from exc
+    return {name: _spec(name, raw) for name, raw in entries.items()}

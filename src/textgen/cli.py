@@ -1,0 +1,224 @@
+"""The ``textgen`` command line: serve, worker, migrate and account management."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import logging
+import signal
+import sys
+from typing import Any
+
+from textgen.catalog import from_micro, to_micro
+from textgen.errors import TextgenError
+from textgen.settings import Settings, load_settings
+
+
+def _logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+async def _with_store(settings: Settings, action: Any) -> Any:
+    from textgen.storage.engine import create_engine
+    from textgen.storage.store import Store
+
+    store = Store(create_engine(settings))
+    try:
+        return await action(store)
+    finally:
+        await store.aclose()
+
+
+def _account_json(account: Any, api_key: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "api_id": account.api_id,
+        "name": account.name,
+        "remaining_credits": from_micro(account.balance),
+        "rate_limit_per_minute": account.rate_limit,
+        "key_prefix": account.key_prefix,
+        "webhook_secret": account.webhook_secret,
+        "created_at": account.created_at.isoformat(),
+    }
+    if account.webhook_secret_previous and account.webhook_secret_previous_until:
+        out["webhook_secret_previous_until"] = account.webhook_secret_previous_until.isoformat()
+    if api_key is not None:
+        out["api_key"] = api_key
+    return out
+
+
+def _bootstrap(settings: Settings, host: str, port: int) -> None:
+    """First start with no accounts: create one and print its credentials once."""
+    from textgen.accounts import create_account
+
+    async def action(store: Any) -> Any:
+        if await store.count_accounts() > 0:
+            return None
+        return await create_account(store, "default", settings.default_credits, settings.default_rate_limit)
+
+    created = asyncio.run(_with_store(settings, action))
+    if created is None:
+        return
+    api_id, api_key = created.account.api_id, created.api_key
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    print(
+        f"\nCreated the first account (shown once; keep the key safe):\n"
+        f"  X-API-ID:  {api_id}\n  X-API-KEY: {api_key}\n\nTry it:\n"
+        f"  curl -s http://{shown}:{port}/sse/text_generator/ -H 'Content-Type: application/json' "
+        f"-H 'X-API-ID: {api_id}' -H 'X-API-KEY: {api_key}' "
+        "-d '{\"model_name\": \"smollm2-135m-instruct\", \"sync\": true, "
+        "\"messages\": [{\"role\": \"user\", \"content\": \"Write a short tagline for an AI video tool.\"}]}'\n",
+        flush=True,
+    )
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from textgen.storage.migrate import upgrade
+
+    upgrade(settings)
+    print("database is at the latest schema")
+    return 0
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from textgen.storage.migrate import upgrade
+
+    host = args.host or settings.host
+    port = args.port or settings.port
+    if not args.no_migrate:
+        upgrade(settings)
+    _bootstrap(settings, host, port)
+    uvicorn.run(
+        "textgen.http.asgi:app_factory", factory=True, host=host, port=port, workers=args.workers,
+        log_level=settings.log_level.lower(), timeout_graceful_shutdown=int(settings.shutdown_timeout_seconds),
+    )
+    return 0
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from textgen.services import Services, default_providers
+
+    async def main() -> None:
+        svc = Services.build(settings, default_providers(settings))
+        if args.concurrency:
+            svc.worker.concurrency = args.concurrency
+        await svc.start_providers()
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        extra = [asyncio.create_task(hook(svc)) for hook in worker_hooks]
+        run = asyncio.create_task(svc.worker.run(burst=args.burst))
+        waiter = asyncio.create_task(stop.wait())
+        await asyncio.wait([run, waiter], return_when=asyncio.FIRST_COMPLETED)
+        logging.getLogger("textgen.worker").info("worker stopping")
+        for task in extra:
+            task.cancel()
+        await svc.aclose()
+        waiter.cancel()
+        await asyncio.gather(run, *extra, waiter, return_exceptions=True)
+
+    asyncio.run(main())
+    return 0
+
+
+# Coroutines run beside the task worker in ``textgen worker`` (the webhook sender registers here).
+worker_hooks: list[Any] = []
+
+
+def cmd_accounts(settings: Settings, args: argparse.Namespace) -> int:
+    from textgen.accounts import create_account, new_webhook_secret
+
+    if args.accounts_command == "create":
+        credits = settings.default_credits if args.credits is None else args.credits
+        rpm = args.rate_limit or settings.default_rate_limit
+        created = asyncio.run(_with_store(settings, lambda s: create_account(s, args.name, credits, rpm)))
+        if args.json:
+            print(json.dumps(_account_json(created.account, created.api_key)))
+        else:
+            print(f"api_id:  {created.account.api_id}\napi_key: {created.api_key}\n(the key is shown only once)")
+        return 0
+    if args.accounts_command == "credit":
+        account = asyncio.run(_with_store(settings, lambda s: s.grant(args.api_id, to_micro(args.amount))))
+        print(f"{account.api_id}: remaining_credits {from_micro(account.balance):g}")
+        return 0
+    if args.accounts_command == "show":
+        account = asyncio.run(_with_store(settings, lambda s: s.account_by_api_id(args.api_id)))
+        if account is None:
+            print(f"no account with api_id {args.api_id!r}", file=sys.stderr)
+            return 1
+        data = _account_json(account)
+        if args.json:
+            print(json.dumps(data))
+        else:
+            for key, value in data.items():
+                print(f"{key}: {value}")
+        return 0
+    if args.accounts_command == "set-rate-limit":
+        asyncio.run(_with_store(settings, lambda s: s.set_rate_limit(args.api_id, args.rpm)))
+        print(f"{args.api_id}: {args.rpm} requests per minute")
+        return 0
+    if args.accounts_command == "rotate-webhook-secret":
+        grace = dt.timedelta(seconds=settings.webhook_secret_grace_seconds)
+        account = asyncio.run(
+            _with_store(settings, lambda s: s.rotate_webhook_secret(args.api_id, new_webhook_secret(), grace))
+        )
+        if args.json:
+            print(json.dumps(_account_json(account)))
+        else:
+            print(f"webhook_secret: {account.webhook_secret}\n(the previous secret keeps signing until "
+                  f"{account.webhook_secret_previous_until.isoformat()})")
+        return 0
+    raise AssertionError(args.accounts_command)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="textgen", description="Self-hosted text generation API")
+    sub = p.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the API server (with an in-process worker)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    serve.add_argument("--no-migrate", action="store_true", help="do not apply migrations on start")
+    worker = sub.add_parser("worker", help="run a task worker without the HTTP API")
+    worker.add_argument("--concurrency", type=int, help="tasks in flight in this process")
+    worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
+    sub.add_parser("migrate", help="apply database migrations")
+    accounts = sub.add_parser("accounts", help="manage accounts")
+    acc = accounts.add_subparsers(dest="accounts_command", required=True)
+    create = acc.add_parser("create")
+    create.add_argument("name")
+    create.add_argument("--credits", type=float)
+    create.add_argument("--rate-limit", type=int, help="requests per minute")
+    create.add_argument("--json", action="store_true")
+    credit = acc.add_parser("credit")
+    credit.add_argument("api_id")
+    credit.add_argument("amount", type=float)
+    show = acc.add_parser("show")
+    show.add_argument("api_id")
+    show.add_argument("--json", action="store_true")
+    rl = acc.add_parser("set-rate-limit")
+    rl.add_argument("api_id")
+    rl.add_argument("rpm", type=int)
+    rotate = acc.add_parser("rotate-webhook-secret")
+    rotate.add_argument("api_id")
+    rotate.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        _logging(settings)
+        command = {"serve": cmd_serve, "worker": cmd_worker, "migrate": cmd_migrate, "accounts": cmd_accounts}
+        return command[args.command](settings, args)
+    except TextgenError as exc:
+        print(f"textgen: {exc.message}", file=sys.stderr)
+        return 2

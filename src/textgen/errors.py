@@ -1,0 +1,74 @@
+"""The one exception hierarchy. The HTTP layer turns each into ``{"error": message}``."""
+
+from __future__ import annotations
+
+
+class TextgenError(Exception):
+    status_code = 500
+    headers: dict[str, str]
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class ConfigurationError(TextgenError):
+    """The process cannot start with the given configuration."""
+
+
+class BadRequest(TextgenError):
+    status_code = 400
+
+
+class Unauthorized(TextgenError):
+    status_code = 401
+
+
+class PaymentRequired(TextgenError):
+    status_code = 402
+
+
+class NotFound(TextgenError):
+    status_code = 404
+
+
+class MethodNotAllowed(TextgenError):
+    status_code = 405
+
+
+class PayloadTooLarge(TextgenError):
+    status_code = 413
+
+
+class UnsupportedMediaType(TextgenError):
+    status_code = 415
+
+
+class RateLimited(TextgenError):
+    status_code = 429
+
+
+class UpstreamError(TextgenError):
+    """The model provider failed; ``status_code`` is what the client should see."""
+
+    status_code = 502
+
+    def __init__(self, message: str, *, status_code: int = 502, retryable: bool = False,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
+class ServiceUnavailable(TextgenError):
+    status_code = 503
+
+
+class StorageUnavailable(ServiceUnavailable):
+    """The database could not be reached or answered with a transient failure."""
+
+
+class InsufficientCredits(PaymentRequired):
+    pass

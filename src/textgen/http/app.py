@@ -1,0 +1,90 @@
+"""The ASGI application: routes, middleware, error handling and the lifespan that owns resources."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.routing import Route
+
+from textgen.errors import TextgenError
+from textgen.http import routes
+from textgen.http.errors import handle
+from textgen.http.middleware import RequestContextMiddleware
+from textgen.http.openapi import build_openapi
+from textgen.providers import Provider
+from textgen.services import ProviderFactory, Services, default_providers
+from textgen.settings import Settings
+
+log = logging.getLogger("textgen")
+
+
+def create_app(
+    settings: Settings, providers: dict[str, Provider] | ProviderFactory | None = None, *,
+    run_worker: bool | None = None,
+) -> Starlette:
+    """Build the app. ``providers`` replaces the default model backends (tests register fakes this way)."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        if providers is None:
+            chosen = default_providers(settings)
+        elif callable(providers):
+            chosen = providers(settings)
+        else:
+            chosen = providers
+        svc = Services.build(settings, chosen)
+        app.state.services = svc
+        await svc.start_providers()
+        if settings.run_worker if run_worker is None else run_worker:
+            await svc.start_worker()
+        for hook in app.state.startup_hooks:
+            await hook(svc)
+        try:
+            yield {}
+        finally:
+            await svc.aclose()
+
+    stream_routes: list[Route] = []
+    try:
+        from textgen.http.streaming import stream_task
+
+        stream_routes.append(Route("/sse/text_generator/stream/", stream_task, methods=["POST"]))
+    except ImportError:
+        pass
+    extra_routes: list[Route] = []
+    try:
+        from textgen.http.webhooks import webhook_routes
+
+        extra_routes.extend(webhook_routes())
+    except ImportError:
+        pass
+
+    app = Starlette(
+        routes=[
+            Route("/sse/text_generator/", routes.create_task, methods=["POST"]),
+            Route("/sse/text_generator/", routes.list_tasks, methods=["GET"]),
+            *stream_routes,
+            Route("/sse/text_generator/{task_id:str}/", routes.get_task, methods=["GET"]),
+            Route("/api/text_generator/{task_id:str}/", routes.get_task, methods=["GET"]),
+            *extra_routes,
+            Route("/api/remaining_credits/", routes.remaining_credits, methods=["GET"]),
+            Route("/sse/models/", routes.list_models, methods=["GET"]),
+            Route("/healthz", routes.healthz, methods=["GET"]),
+            Route("/readyz", routes.readyz, methods=["GET"]),
+            Route("/openapi.json", routes.openapi, methods=["GET"]),
+            Route("/docs", routes.docs, methods=["GET"]),
+        ],
+        middleware=[Middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)],
+        exception_handlers={TextgenError: handle, ValidationError: handle, HTTPException: handle, Exception: handle},
+        lifespan=lifespan,
+    )
+    app.state.openapi = build_openapi()
+    app.state.startup_hooks = []
+    return app

@@ -1,0 +1,71 @@
+"""The one error shape, ``{"error": "..."}``, for every failure the API can answer with."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from textgen.errors import TextgenError
+
+log = logging.getLogger("textgen.http")
+
+_TYPE_LOCS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _loc(parts: tuple[Any, ...]) -> str:
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            continue
+        text = str(part)
+        if "[" in text or text in _TYPE_LOCS or text.startswith("function-"):
+            continue
+        out += f".{text}" if out else text
+    return out
+
+
+def describe_validation(exc: ValidationError) -> str:
+    """A readable message naming each offending field (``messages[0].role: ...``)."""
+    errors = exc.errors(include_url=False, include_context=False)
+    if any(e["type"] == "json_invalid" for e in errors):
+        detail = next(e for e in errors if e["type"] == "json_invalid")["msg"]
+        return f"invalid JSON body: {detail}"
+    located = [(_loc(e["loc"]), e["msg"].removeprefix("Value error, ")) for e in errors]
+    # For a str-or-list field pydantic reports every branch of the union; an error about the whole
+    # field is noise when another error points inside it (the branch the client actually used).
+    kept = [
+        (where, msg) for where, msg in located
+        if not any(other != where and other.startswith(where) and other[len(where)] in ".[" for other, _ in located)
+    ]
+    messages = list(dict.fromkeys(f"{where or 'request body'}: {msg}" for where, msg in kept))
+    more = f" (and {len(messages) - 5} more)" if len(messages) > 5 else ""
+    return "; ".join(messages[:5]) + more
+
+
+def error_response(exc: Exception, request_id: str | None = None) -> Response:
+    if isinstance(exc, TextgenError):
+        status = exc.status_code
+        if status >= 500:
+            log.warning("request %s: %s %s", request_id, type(exc).__name__, exc.message)
+        return JSONResponse({"error": exc.message}, status_code=status, headers=exc.headers)
+    if isinstance(exc, ValidationError):
+        return JSONResponse({"error": describe_validation(exc)}, status_code=400)
+    if isinstance(exc, HTTPException):
+        detail = exc.detail if isinstance(exc.detail, str) else "error"
+        if exc.status_code == 404:
+            detail = "not found"
+        elif exc.status_code == 405:
+            detail = "method not allowed"
+        return JSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
+    log.error("request %s: unhandled %s", request_id, type(exc).__name__, exc_info=exc)
+    return JSONResponse({"error": f"internal error (request id {request_id})"}, status_code=500)
+
+
+async def handle(request: Request, exc: Exception) -> Response:
+    return error_response(exc, request.scope.get("state", {}).get("request_id"))

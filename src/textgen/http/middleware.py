@@ -1,0 +1,74 @@
+"""Pure ASGI middleware: request ids, the body size limit and the overhead header."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from textgen.errors import PayloadTooLarge
+from textgen.http.errors import error_response
+from textgen.timing import RequestTiming, current_timing
+
+log = logging.getLogger("textgen.http")
+
+
+class RequestContextMiddleware:
+    """Tags each request with an id, enforces the body limit and reports textgen's own time.
+
+    ``x-textgen-overhead-ms`` is the time from receiving the request to sending the response head,
+    minus the time spent waiting on the model provider.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["request_id"] = request_id
+        timing = RequestTiming()
+        token = current_timing.set(timing)
+        limit = self.max_body_bytes
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = 0
+                if declared > limit:
+                    response = error_response(
+                        PayloadTooLarge(f"request body is larger than the {limit} byte limit"), request_id
+                    )
+                    await response(scope, receive, send)
+                    return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise PayloadTooLarge(f"request body is larger than the {limit} byte limit")
+            return message
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers["x-request-id"] = request_id
+                overhead = (time.perf_counter() - started - timing.upstream_seconds) * 1000
+                headers["x-textgen-overhead-ms"] = f"{max(overhead, 0.0):.3f}"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, send_with_headers)
+        finally:
+            current_timing.reset(token)

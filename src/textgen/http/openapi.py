@@ -1,0 +1,175 @@
+"""The OpenAPI document, generated from the pydantic models in ``textgen.protocol``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from textgen import __version__
+from textgen.protocol import (
+    ErrorBody,
+    ModelList,
+    RemainingCredits,
+    StreamRequest,
+    TaskPage,
+    TextGenRequest,
+    TextGenResponse,
+)
+
+_MODELS: list[type[BaseModel]] = [
+    TextGenRequest, StreamRequest, TextGenResponse, TaskPage, RemainingCredits, ErrorBody, ModelList,
+]
+_ERR = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    text = {
+        400: "Invalid request body or parameters; the message names the field.",
+        401: "Missing or invalid API credentials.",
+        402: "Not enough credits.",
+        404: "No such task for this account.",
+        413: "Request body too large.",
+        429: "Rate limit exceeded; see Retry-After.",
+        503: "Temporarily unavailable; see Retry-After.",
+    }
+    return {str(c): {"description": text[c], "content": _ERR} for c in codes}
+
+
+def build_openapi() -> dict[str, Any]:
+    _, schema = models_json_schema(
+        [(m, "validation" if m in (TextGenRequest, StreamRequest) else "serialization") for m in _MODELS],
+        ref_template="#/components/schemas/{model}",
+    )
+    components = schema.get("$defs", {})
+    auth = [{"X-API-ID": [], "X-API-KEY": []}]
+    task_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
+    get_task = {
+        "summary": "Get a task's status and result",
+        "operationId": "text_generator_get",
+        "parameters": [task_id],
+        "security": auth,
+        "responses": {"200": {"description": "The task.", "content": _ref("TextGenResponse")},
+                      **_errors(401, 404, 429, 503)},
+    }
+    paths: dict[str, Any] = {
+        "/sse/text_generator/": {
+            "post": {
+                "summary": "Create Text Generator task",
+                "description": "Sync (`sync: true`) returns the finished task; async (default) returns it "
+                "`pending` at once.",
+                "operationId": "sse_text_generator_create",
+                "requestBody": {"required": True, "content": _ref("TextGenRequest")},
+                "security": auth,
+                "responses": {
+                    "201": {"description": "Text generation result or pending task.",
+                            "content": _ref("TextGenResponse")},
+                    **_errors(400, 401, 402, 413, 429, 503),
+                },
+            },
+            "get": {
+                "summary": "List text generation tasks, newest first",
+                "operationId": "text_generator_list",
+                "security": auth,
+                "parameters": [
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+                    {"name": "status", "in": "query",
+                     "schema": {"type": "string", "enum": ["pending", "running", "done", "failed"]}},
+                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {"200": {"description": "A page of tasks.", "content": _ref("TaskPage")},
+                              **_errors(400, 401, 429, 503)},
+            },
+        },
+        "/sse/text_generator/stream/": {
+            "post": {
+                "summary": "Create a text generation task and stream it (Server-Sent Events)",
+                "operationId": "sse_text_generator_stream",
+                "requestBody": {"required": True, "content": _ref("StreamRequest")},
+                "security": auth,
+                "responses": {
+                    "200": {"description": "A stream of Gemini-native GenerateContentResponse chunks.",
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                    **_errors(400, 401, 402, 413, 429, 503),
+                },
+            }
+        },
+        "/sse/text_generator/{id}/": {"get": get_task},
+        "/api/text_generator/{id}/": {"get": {**get_task, "operationId": "api_text_generator_get"}},
+        "/api/remaining_credits/": {
+            "get": {
+                "summary": "Remaining credits of the calling account",
+                "operationId": "remaining_credits",
+                "security": auth,
+                "responses": {"200": {"description": "Balance.", "content": _ref("RemainingCredits")},
+                              **_errors(401, 429, 503)},
+            }
+        },
+        "/sse/models/": {
+            "get": {
+                "summary": "Models this server can serve",
+                "operationId": "models_list",
+                "security": auth,
+                "responses": {"200": {"description": "Models.", "content": _ref("ModelList")},
+                              **_errors(401, 429)},
+            }
+        },
+        "/healthz": {"get": {"summary": "Process is up", "operationId": "healthz",
+                             "responses": {"200": {"description": "ok"}}}},
+        "/readyz": {"get": {"summary": "Database reachable and models usable", "operationId": "readyz",
+                            "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "textgen", "version": __version__,
+                 "description": "Self-hosted implementation of the Creatify Text Generator API."},
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {
+                "X-API-ID": {"type": "apiKey", "in": "header", "name": "X-API-ID"},
+                "X-API-KEY": {"type": "apiKey", "in": "header", "name": "X-API-KEY"},
+            },
+        },
+    }
+
+
+def docs_html(spec: dict[str, Any]) -> str:
+    """A dependency-free HTML page describing each endpoint (no CDN, works offline)."""
+    from html import escape
+
+    rows = []
+    for path, methods in spec["paths"].items():
+        for method, op in methods.items():
+            codes = ", ".join(op.get("responses", {}))
+            rows.append(
+                f"<tr><td><code>{method.upper()}</code></td><td><code>{escape(path)}</code></td>"
+                f"<td>{escape(op.get('summary', ''))}</td><td>{codes}</td></tr>"
+            )
+    schemas = "".join(
+        f"<h3 id='{escape(name)}'>{escape(name)}</h3><pre>{escape(_pretty(body))}</pre>"
+        for name, body in spec["components"]["schemas"].items()
+    )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>textgen API</title>"
+        "<style>body{font-family:sans-serif;max-width:980px;margin:2em auto;padding:0 1em}"
+        "td,th{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left}"
+        "pre{background:#f6f6f6;padding:8px;overflow:auto}</style></head><body>"
+        f"<h1>textgen API {escape(spec['info']['version'])}</h1>"
+        "<p>Authenticate every call with the <code>X-API-ID</code> and <code>X-API-KEY</code> headers. "
+        "Errors are JSON: <code>{\"error\": \"...\"}</code>. Machine-readable: "
+        "<a href='/openapi.json'>/openapi.json</a>.</p>"
+        "<table><tr><th>Method</th><th>Path</th><th>What</th><th>Statuses</th></tr>"
+        + "".join(rows) + "</table><h2>Schemas</h2>" + schemas + "</body></html>"
+    )
+
+
+def _pretty(body: Any) -> str:
+    import json
+
+    return json.dumps(body, indent=2)

@@ -1,0 +1,153 @@
+"""HTTP handlers for the text generator API. They parse, authorise and delegate; no SQL here."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlencode
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+
+from textgen.catalog import from_micro
+from textgen.errors import BadRequest, StorageUnavailable
+from textgen.protocol import (
+    ModelInfo,
+    ModelList,
+    RemainingCredits,
+    TaskPage,
+    TaskStatus,
+    TextGenRequest,
+)
+from textgen.ratelimit import Quota
+from textgen.services import Services
+from textgen.storage.store import AccountRow
+from textgen.tasks import to_response
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services  # type: ignore[no-any-return]
+
+
+async def authorize(request: Request) -> tuple[AccountRow, Quota]:
+    """Authenticate the caller and count the request against their rate limit."""
+    svc = services(request)
+    account = await svc.auth.authenticate(request.headers.get("x-api-id"), request.headers.get("x-api-key"))
+    quota = await svc.limiter.hit(account.api_id, account.rate_limit)
+    return account, quota
+
+
+def json_response(body: Any, status: int, quota: Quota) -> Response:
+    return JSONResponse(body, status_code=status, headers=quota.headers())
+
+
+async def read_body(request: Request) -> bytes:
+    body = await request.body()
+    if not body.strip():
+        raise BadRequest("request body is empty; send a JSON object")
+    return body
+
+
+async def create_task(request: Request) -> Response:
+    account, quota = await authorize(request)
+    body = await read_body(request)
+    payload = TextGenRequest.model_validate_json(body)
+    task = await services(request).tasks.create(account, payload)
+    return json_response(to_response(task).model_dump(mode="json", exclude_none=True), 201, quota)
+
+
+async def get_task(request: Request) -> Response:
+    account, quota = await authorize(request)
+    task = await services(request).tasks.get(account, str(request.path_params["task_id"]))
+    return json_response(to_response(task).model_dump(mode="json", exclude_none=True), 200, quota)
+
+
+def _page_url(request: Request, params: dict[str, str]) -> str:
+    base = str(request.url.replace(query=""))
+    return f"{base}?{urlencode(params)}"
+
+
+async def list_tasks(request: Request) -> Response:
+    account, quota = await authorize(request)
+    svc = services(request)
+    query = request.query_params
+    unknown = set(query) - {"limit", "status", "cursor"}
+    if unknown:
+        raise BadRequest(f"unknown query parameter: {sorted(unknown)[0]}")
+    max_limit = svc.settings.list_max_limit
+    try:
+        limit = int(query.get("limit", "20"))
+    except ValueError:
+        raise BadRequest("limit: must be an integer") from None
+    if not 1 <= limit <= max_limit:
+        raise BadRequest(f"limit: must be between 1 and {max_limit}")
+    status_value = query.get("status")
+    try:
+        status = TaskStatus(status_value) if status_value else None
+    except ValueError:
+        raise BadRequest("status: must be one of pending, running, done, failed") from None
+    rows, next_cursor, prev_cursor = await svc.tasks.list(
+        account, limit=limit, status=status, cursor=query.get("cursor")
+    )
+    common = {"limit": str(limit), **({"status": status.value} if status else {})}
+    page = TaskPage(
+        next=_page_url(request, {**common, "cursor": next_cursor}) if next_cursor else None,
+        previous=_page_url(request, {**common, "cursor": prev_cursor}) if prev_cursor else None,
+        results=[to_response(row) for row in rows],
+    )
+    return json_response(page.model_dump(mode="json", exclude_none=True), 200, quota)
+
+
+async def remaining_credits(request: Request) -> Response:
+    account, quota = await authorize(request)
+    fresh = await services(request).store.account_by_id(account.id)
+    return json_response(RemainingCredits(remaining_credits=from_micro(fresh.balance)).model_dump(), 200, quota)
+
+
+async def list_models(request: Request) -> Response:
+    _, quota = await authorize(request)
+    registry = services(request).registry
+    results = []
+    for spec in registry.catalog.values():
+        provider = registry.providers.get(spec.provider)
+        results.append(
+            ModelInfo(
+                name=spec.name, provider=spec.provider, available=bool(provider and provider.available()),
+                capabilities=sorted(spec.capabilities), input_price_per_million_usd=spec.input_price,
+                output_price_per_million_usd=spec.output_price, max_output_tokens=spec.max_output_tokens,
+            )
+        )
+    return json_response(ModelList(results=results).model_dump(), 200, quota)
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    svc = services(request)
+    checks: dict[str, Any] = {}
+    ready = True
+    try:
+        await svc.store.ping()
+        checks["database"] = "ok"
+    except StorageUnavailable as exc:
+        checks["database"] = exc.message
+        ready = False
+    checks["providers"] = {name: p.available() for name, p in svc.registry.providers.items()}
+    if not any(checks["providers"].values()):
+        ready = False
+    checks["rate_limits"] = svc.limiter.backend
+    if svc.limiter.degraded_reason:
+        checks["rate_limits_error"] = svc.limiter.degraded_reason
+    body = {"status": "ready" if ready else "not ready", "checks": checks}
+    return JSONResponse(body, status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "5"})
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(request.app.state.openapi)
+
+
+async def docs(request: Request) -> Response:
+    from textgen.http.openapi import docs_html
+
+    return HTMLResponse(docs_html(request.app.state.openapi))

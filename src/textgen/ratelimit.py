@@ -1,0 +1,82 @@
+"""Per-account request rate limits (the ``limits`` library; Redis-backed when configured)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+from limits import RateLimitItemPerMinute
+from limits.aio.storage import MemoryStorage, Storage
+from limits.storage import storage_from_string
+from limits.aio.strategies import MovingWindowRateLimiter
+
+from textgen.errors import RateLimited
+
+log = logging.getLogger("textgen.ratelimit")
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    limit: int
+    remaining: int
+    reset_seconds: int
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "RateLimit-Limit": str(self.limit),
+            "RateLimit-Remaining": str(self.remaining),
+            "RateLimit-Reset": str(self.reset_seconds),
+        }
+
+
+class RateLimiter:
+    """A moving one-minute window per account. Falls back to a per-process window if Redis fails."""
+
+    def __init__(self, redis_url: str | None = None) -> None:
+        self._local = MovingWindowRateLimiter(MemoryStorage())
+        self._shared: MovingWindowRateLimiter | None = None
+        self.degraded_reason: str | None = None
+        if redis_url:
+            uri = redis_url.replace("redis://", "async+redis://", 1).replace("rediss://", "async+rediss://", 1)
+            storage = storage_from_string(uri, socket_timeout=0.5, socket_connect_timeout=0.5)
+            assert isinstance(storage, Storage)
+            self._shared = MovingWindowRateLimiter(storage)
+
+    @property
+    def backend(self) -> str:
+        if self._shared is None:
+            return "memory"
+        return "memory (redis unreachable)" if self.degraded_reason else "redis"
+
+    async def hit(self, account_key: str, per_minute: int) -> Quota:
+        """Count one request; raise RateLimited (with Retry-After) when over the limit."""
+        item = RateLimitItemPerMinute(per_minute)
+        limiter = self._local
+        if self._shared is not None:
+            try:
+                allowed = await self._shared.hit(item, account_key)
+                stats = await self._shared.get_window_stats(item, account_key)
+                if self.degraded_reason:
+                    log.warning("rate limits: redis reachable again, shared limits restored")
+                    self.degraded_reason = None
+                return self._decide(allowed, item.amount, stats.remaining, stats.reset_time)
+            except Exception as exc:  # any storage failure: keep serving on the local window
+                if self.degraded_reason is None:
+                    log.error("rate limits: redis unreachable (%s); using per-process limits", exc)
+                self.degraded_reason = f"{type(exc).__name__}: {exc}"
+        allowed = await limiter.hit(item, account_key)
+        stats = await limiter.get_window_stats(item, account_key)
+        return self._decide(allowed, item.amount, stats.remaining, stats.reset_time)
+
+    @staticmethod
+    def _decide(allowed: bool, limit: int, remaining: int, reset_time: float) -> Quota:
+        reset = max(1, math.ceil(reset_time - time.time()))
+        quota = Quota(limit=limit, remaining=max(0, remaining), reset_seconds=reset)
+        if not allowed:
+            raise RateLimited(
+                f"rate limit exceeded: {limit} requests per minute",
+                headers={**quota.headers(), "Retry-After": str(reset)},
+            )
+        return quota
