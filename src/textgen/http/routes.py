@@ -94,7 +94,12 @@ async def list_tasks(request: Request) -> Response:
         previous=_page_url(request, {**common, "cursor": prev_cursor}) if prev_cursor else None,
         results=[to_response(row) for row in rows],
     )
-    return json_response(page.model_dump(mode="json", exclude_none=True), 200, quota)
+    body = {
+        "next": page.next,
+        "previous": page.previous,
+        "results": [r.model_dump(mode="json", exclude_none=True) for r in page.results],
+    }
+    return json_response(body, 200, quota)
 
 
 async def remaining_credits(request: Request) -> Response:

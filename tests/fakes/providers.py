@@ -1,0 +1,65 @@
+"""An in-process provider for tests of the task machinery (never what a user runs)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from textgen.catalog import ModelSpec
+from textgen.errors import UpstreamError
+from textgen.protocol import GenerationInput
+from textgen.providers.base import Generation, StreamChunk, estimate_prompt_tokens
+
+FAKE_MODELS_TOML = """
+[models."fake-model"]
+provider = "fake"
+input_price = 1000.0
+output_price = 1000.0
+max_output_tokens = 1000
+default_output_tokens = 100
+capabilities = ["text", "tools", "json"]
+"""
+
+
+@dataclass
+class FakeProvider:
+    """Echoes the last user message; can be told to wait, fail, or block until released."""
+
+    name: str = "fake"
+    delay: float = 0.0
+    fail_with: str | None = None
+    gate: asyncio.Event | None = None
+    calls: list[GenerationInput] = field(default_factory=list)
+    output_tokens: int = 5
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def available(self) -> bool:
+        return True
+
+    def check(self, spec: ModelSpec, request: GenerationInput) -> None:
+        return None
+
+    def count_input_tokens(self, spec: ModelSpec, request: GenerationInput) -> int:
+        return estimate_prompt_tokens(request)
+
+    async def generate(self, spec: ModelSpec, request: GenerationInput) -> Generation:
+        self.calls.append(request)
+        self.started.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail_with:
+            raise UpstreamError(self.fail_with)
+        text = f"echo: {request.messages[-1].text()}"
+        return Generation(text=text, input_tokens=7, output_tokens=self.output_tokens)
+
+    async def stream(self, spec: ModelSpec, request: GenerationInput) -> AsyncIterator[StreamChunk]:
+        result = await self.generate(spec, request)
+        for i, word in enumerate(result.text.split(" ")):
+            yield StreamChunk(text=("" if i == 0 else " ") + word, input_tokens=7, output_tokens=i + 1)
+        yield StreamChunk(text="", input_tokens=7, output_tokens=result.output_tokens, finish_reason="STOP")
+
+    async def aclose(self) -> None:
+        return None
