@@ -243,6 +243,15 @@ class TextGenRequest(GenerationInput):
 class StreamRequest(GenerationInput):
     """Body of ``POST /sse/text_generator/stream/``: the create body minus ``sync`` and ``webhook_url``."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_delivery_options(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in ("sync", "webhook_url"):
+                if key in data:
+                    raise ValueError(f"{key} is not accepted by the streaming endpoint")
+        return data
+
 
 class TextGenResponse(BaseModel):
     id: str = Field(json_schema_extra={"format": "uuid"})

@@ -33,6 +33,10 @@ class FakeProvider:
     calls: list[GenerationInput] = field(default_factory=list)
     output_tokens: int = 5
     started: asyncio.Event = field(default_factory=asyncio.Event)
+    chunk_delay: float = 0.0
+    fail_after_chunks: int | None = None
+    fail_before_first: UpstreamError | None = None
+    stream_closed: int = 0
 
     def available(self) -> bool:
         return True
@@ -56,10 +60,20 @@ class FakeProvider:
         return Generation(text=text, input_tokens=7, output_tokens=self.output_tokens)
 
     async def stream(self, spec: ModelSpec, request: GenerationInput) -> AsyncIterator[StreamChunk]:
+        if self.fail_before_first is not None:
+            raise self.fail_before_first
         result = await self.generate(spec, request)
-        for i, word in enumerate(result.text.split(" ")):
-            yield StreamChunk(text=("" if i == 0 else " ") + word, input_tokens=7, output_tokens=i + 1)
-        yield StreamChunk(text="", input_tokens=7, output_tokens=result.output_tokens, finish_reason="STOP")
+        words = result.text.split(" ")
+        try:
+            for i, word in enumerate(words):
+                if self.fail_after_chunks is not None and i == self.fail_after_chunks:
+                    raise UpstreamError("upstream stream broke: connection reset")
+                if i and self.chunk_delay:
+                    await asyncio.sleep(self.chunk_delay)
+                yield StreamChunk(text=("" if i == 0 else " ") + word, input_tokens=7, output_tokens=i + 1)
+            yield StreamChunk(text="", input_tokens=7, output_tokens=len(words), finish_reason="STOP")
+        finally:
+            self.stream_closed += 1
 
     async def aclose(self) -> None:
         return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from pydantic import ValidationError
@@ -51,9 +52,13 @@ def describe_validation(exc: ValidationError) -> str:
 def error_response(exc: Exception, request_id: str | None = None) -> Response:
     if isinstance(exc, TextgenError):
         status = exc.status_code
+        headers = dict(exc.headers)
+        if status in (429, 503) and "Retry-After" not in headers:
+            retry_after = getattr(exc, "retry_after", None)
+            headers["Retry-After"] = str(max(1, math.ceil(retry_after or 1)))
         if status >= 500:
             log.warning("request %s: %s %s", request_id, type(exc).__name__, exc.message)
-        return JSONResponse({"error": exc.message}, status_code=status, headers=exc.headers)
+        return JSONResponse({"error": exc.message}, status_code=status, headers=headers)
     if isinstance(exc, ValidationError):
         return JSONResponse({"error": describe_validation(exc)}, status_code=400)
     if isinstance(exc, HTTPException):

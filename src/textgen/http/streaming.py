@@ -1,0 +1,45 @@
+"""``POST /sse/text_generator/stream/``: Server-Sent Events of Gemini-native chunks."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import anyio
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.requests import Request
+from starlette.responses import Response
+
+from textgen.http.routes import authorize, read_body, services
+from textgen.protocol import StreamRequest
+from textgen.streaming import StreamSession
+
+
+async def stream_task(request: Request) -> Response:
+    account, quota = await authorize(request)
+    payload = StreamRequest.model_validate_json(await read_body(request))
+    svc = services(request)
+    session = await StreamSession.open(svc.tasks, account, payload)
+
+    async def body() -> AsyncIterator[ServerSentEvent]:
+        completed = False
+        try:
+            async for event in session.events():
+                yield ServerSentEvent(
+                    data=json.dumps(event.data, separators=(",", ":")), event=event.event, sep="\n"
+                )
+            completed = True
+        finally:
+            if not completed:
+                # Cancelled by a client disconnect (or server shutdown): the cleanup must not be cancelled too.
+                with anyio.CancelScope(shield=True):
+                    await session.abort()
+
+    # sse-starlette sends keep-alive comments while the generator is silent and watches for the
+    # client's disconnect, cancelling the generator at once (which reaches the provider via abort()).
+    return EventSourceResponse(
+        body(),
+        ping=svc.settings.stream_keepalive_seconds,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **quota.headers()},
+        sep="\n",
+    )

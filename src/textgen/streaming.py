@@ -1,0 +1,193 @@
+"""Streaming generations: a task that is created running, relayed chunk by chunk, then settled.
+
+Everything that can be refused is refused before the first byte of the response: ``StreamSession.open``
+admits the request, reserves credits, creates the task and pulls the provider's first chunk, so an
+upstream that fails at once becomes an ordinary HTTP error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from textgen.catalog import from_micro
+from textgen.errors import StorageUnavailable, TextgenError, UpstreamError
+from textgen.protocol import StreamRequest
+from textgen.providers import FunctionCall, Generation, StreamChunk
+from textgen.storage.store import AccountRow, Outcome, TaskRow
+from textgen.tasks import TaskService
+from textgen.timing import add_upstream
+
+log = logging.getLogger("textgen.streaming")
+
+CLIENT_DISCONNECTED = "client disconnected"
+
+
+def gemini_chunk(chunk: StreamChunk, model: str, response_id: str) -> dict[str, Any]:
+    """A Gemini-native ``GenerateContentResponse`` (camelCase) for one chunk."""
+    if chunk.raw is not None:
+        return dict(chunk.raw)
+    parts: list[dict[str, Any]] = []
+    if chunk.text:
+        parts.append({"text": chunk.text})
+    for call in chunk.function_calls:
+        part: dict[str, Any] = {"functionCall": {"name": call.name, "args": call.args}}
+        if call.thought_signature:
+            part["thoughtSignature"] = call.thought_signature
+        parts.append(part)
+    candidate: dict[str, Any] = {"content": {"role": "model", "parts": parts}, "index": 0}
+    if chunk.finish_reason:
+        candidate["finishReason"] = chunk.finish_reason
+    return {
+        "candidates": [candidate],
+        "usageMetadata": {
+            "promptTokenCount": chunk.input_tokens,
+            "candidatesTokenCount": chunk.output_tokens,
+            "totalTokenCount": chunk.input_tokens + chunk.output_tokens,
+        },
+        "modelVersion": chunk.model_version or model,
+        "responseId": response_id,
+    }
+
+
+@dataclass
+class _Accumulated:
+    text: list[str] = field(default_factory=list)
+    calls: list[FunctionCall] = field(default_factory=list)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    finish_reason: str | None = None
+
+    def add(self, chunk: StreamChunk) -> None:
+        self.text.append(chunk.text)
+        self.calls.extend(chunk.function_calls)
+        self.input_tokens = max(self.input_tokens, chunk.input_tokens)
+        self.output_tokens = max(self.output_tokens, chunk.output_tokens)
+        self.finish_reason = chunk.finish_reason or self.finish_reason
+
+    def generation(self) -> Generation:
+        return Generation(
+            text="".join(self.text), function_calls=list(self.calls), input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens, finish_reason=self.finish_reason or "STOP",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEvent:
+    data: dict[str, Any]
+    event: str | None = None
+
+
+class StreamSession:
+    """One streamed generation, from admission to settlement."""
+
+    def __init__(self, service: TaskService, task: TaskRow, chunks: AsyncIterator[StreamChunk],
+                 first: StreamChunk | None) -> None:
+        self.service = service
+        self.task = task
+        self._chunks = chunks
+        self._first = first
+        self._acc = _Accumulated()
+        self._finished = False
+        self._heartbeat = asyncio.ensure_future(self._renew_lease())
+
+    @classmethod
+    async def open(cls, service: TaskService, account: AccountRow, request: StreamRequest) -> StreamSession:
+        """Admit, reserve and start the generation; raises TextgenError before any byte is sent."""
+        spec, provider, reserve = service.admit(request)
+        task = await service.store.create_task(
+            account_id=account.id, model_name=request.model_name, mode="stream",
+            request=service.stored_request(request), webhook_url=None, reserve=reserve,
+            lease_owner=service.worker_id, lease_seconds=service.lease_seconds,
+        )
+        chunks = provider.stream(spec, request).__aiter__()
+        started = time.perf_counter()
+        try:
+            first: StreamChunk | None = await chunks.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await chunks.aclose()  # type: ignore[attr-defined]
+            reason = exc.message if isinstance(exc, TextgenError) else f"generation failed: {type(exc).__name__}"
+            if not isinstance(exc, TextgenError | asyncio.CancelledError):
+                log.exception("task %s: stream failed before its first chunk", task.id)
+            await service.runner.finish(task.id, service.worker_id, Outcome(status="failed", failed_reason=reason))
+            if isinstance(exc, TextgenError | asyncio.CancelledError):
+                raise
+            raise UpstreamError(reason) from exc
+        finally:
+            add_upstream(time.perf_counter() - started)
+        return cls(service, task, chunks, first)
+
+    async def events(self) -> AsyncIterator[StreamEvent]:
+        """Gemini-native chunks; the last also carries ``creatify: {id, credits_used}``."""
+        held: StreamChunk | None = None
+        try:
+            pending = [self._first] if self._first is not None else []
+            while True:
+                if pending:
+                    chunk = pending.pop()
+                else:
+                    try:
+                        chunk = await self._chunks.__anext__()
+                    except StopAsyncIteration:
+                        break
+                self._acc.add(chunk)
+                # Hold each chunk back by one so the last can carry the settled credits.
+                if held is not None:
+                    yield StreamEvent(gemini_chunk(held, self.task.model_name, self.task.id))
+                held = chunk
+        except TextgenError as exc:
+            await self._finish(Outcome(status="failed", failed_reason=exc.message))
+            yield self._error_event(exc.message, getattr(exc, "status_code", 502))
+            return
+        except Exception as exc:
+            log.exception("task %s: stream failed", self.task.id)
+            reason = f"generation failed: {type(exc).__name__}"
+            await self._finish(Outcome(status="failed", failed_reason=reason))
+            yield self._error_event(reason, 502)
+            return
+        finished = await self._finish(self.service.runner.outcome(self.task.model_name, self._acc.generation()))
+        last = held or StreamChunk(finish_reason="STOP", input_tokens=self._acc.input_tokens,
+                                   output_tokens=self._acc.output_tokens)
+        data = gemini_chunk(last, self.task.model_name, self.task.id)
+        credits = from_micro(finished.credits_used) if finished else 0.0
+        data["creatify"] = {"id": self.task.id, "credits_used": credits}
+        yield StreamEvent(data)
+
+    def _error_event(self, message: str, status: int) -> StreamEvent:
+        return StreamEvent(
+            {"error": {"code": status, "message": message}, "creatify": {"id": self.task.id, "credits_used": 0.0}},
+            event="error",
+        )
+
+    async def abort(self) -> None:
+        """The client went away: stop the generation and charge only the tokens produced so far."""
+        if self._finished:
+            return
+        with contextlib.suppress(Exception):
+            await self._chunks.aclose()  # type: ignore[attr-defined]
+        partial = self._acc.generation()
+        outcome = self.service.runner.outcome(self.task.model_name, partial)
+        outcome.status = "failed"
+        outcome.failed_reason = CLIENT_DISCONNECTED
+        outcome.finish_reason = None
+        await self._finish(outcome)
+
+    async def _finish(self, outcome: Outcome) -> TaskRow | None:
+        self._finished = True
+        self._heartbeat.cancel()
+        return await self.service.runner.finish(self.task.id, self.service.worker_id, outcome)
+
+    async def _renew_lease(self) -> None:
+        interval = max(self.service.lease_seconds / 3, 0.05)
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(StorageUnavailable):
+                await self.service.store.renew_lease(self.task.id, self.service.worker_id, self.service.lease_seconds)
