@@ -11,6 +11,7 @@ from textgen.catalog import Pricing
 from textgen.errors import StorageUnavailable, TextgenError, UpstreamError
 from textgen.protocol import GenerationInput
 from textgen.providers import Generation, ProviderRegistry
+from textgen.providers.base import current_account
 from textgen.storage.store import Outcome, Store, TaskRow
 from textgen.timing import add_upstream
 
@@ -20,7 +21,7 @@ INTERRUPTED_STREAM = "interrupted: the server stopped while this task was stream
 
 
 def generation_input(task: TaskRow) -> GenerationInput:
-    return GenerationInput.model_validate({**task.request, "model_name": task.model_name})
+    return GenerationInput.model_validate({**task.request, "model_name": task.model_name}, strict=False)
 
 
 class Runner:
@@ -46,6 +47,8 @@ class Runner:
             return Outcome(status="failed", failed_reason=exc.message)
         except ValueError as exc:
             return Outcome(status="failed", failed_reason=f"stored request is invalid: {exc}")
+        # The generation runs in a copy of this context: providers queue fairly by the account set here.
+        current_account.set(str(task.account_id))
         generation = asyncio.ensure_future(provider.generate(spec, request))
         heartbeat = asyncio.ensure_future(self._heartbeat(task.id, worker_id, generation))
         started = time.perf_counter()

@@ -13,6 +13,7 @@ from textgen.protocol import GenerationInput, TaskStatus, TextGenRequest, TextGe
 from textgen.providers import Provider, ProviderRegistry
 from textgen.runner import Runner
 from textgen.storage.store import AccountRow, Cursor, Outcome, Store, TaskRow
+from textgen.webhooks.addresses import AddressPolicy, RefusedDestination
 
 _STORED_EXCLUDE = {"model_name", "sync", "webhook_url"}
 
@@ -35,7 +36,8 @@ def to_response(task: TaskRow) -> TextGenResponse:
             "output_tokens": task.output_tokens,
             "created_at": task.created_at,
             "updated_at": task.updated_at,
-        }
+        },
+        strict=False,  # stored data was validated (strictly) when it came in
     )
 
 
@@ -69,6 +71,8 @@ class TaskService:
         self.lease_seconds = lease_seconds
         self.sync_timeout = sync_timeout
         self.on_queued: list[Any] = []
+        # Refuses webhook URLs that reach private addresses; Services loosens it per settings.
+        self.webhook_policy = AddressPolicy()
 
     def admit(self, request: GenerationInput) -> tuple[ModelSpec, Provider, int]:
         """Check model and features; return the worst-case cost to reserve, in micro-credits."""
@@ -84,6 +88,11 @@ class TaskService:
     async def create(self, account: AccountRow, request: TextGenRequest) -> TaskRow:
         """Create a task; a sync one is run here and returned finished."""
         _, _, reserve = self.admit(request)
+        if request.webhook_url:
+            try:
+                await self.webhook_policy.check_url(request.webhook_url)
+            except RefusedDestination as exc:
+                raise BadRequest(f"webhook_url: {exc}") from None
         if not request.sync:
             task = await self.store.create_task(
                 account_id=account.id, model_name=request.model_name, mode="async",
