@@ -109,6 +109,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         if args.concurrency:
             svc.worker.concurrency = args.concurrency
         await svc.start_providers()
+        svc.start_webhooks()
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -17,6 +17,7 @@ from textgen.settings import Settings
 from textgen.storage.engine import create_engine
 from textgen.storage.store import Store
 from textgen.tasks import TaskService
+from textgen.webhooks import AddressPolicy, WebhookSender
 from textgen.worker import Worker, new_worker_id
 
 log = logging.getLogger("textgen")
@@ -53,6 +54,7 @@ class Services:
     worker: Worker
     worker_id: str
     background: list[asyncio.Task[None]] = field(default_factory=list)
+    webhooks: WebhookSender | None = None
 
     @classmethod
     def build(cls, settings: Settings, providers: dict[str, Provider]) -> Services:
@@ -70,10 +72,14 @@ class Services:
             poll_seconds=settings.worker_poll_seconds, lease_seconds=settings.lease_seconds,
         )
         tasks.on_queued.append(worker.notify)
+        policy = AddressPolicy(allow_private=settings.webhook_allow_private)
+        tasks.webhook_policy = policy
+        webhooks = WebhookSender.from_settings(store, settings, worker_id, policy)
+        store.delivery_listeners.append(webhooks.notify)
         return cls(
             settings=settings, store=store, registry=registry, auth=Authenticator(store),
             limiter=RateLimiter(settings.redis_url), runner=runner, tasks=tasks, worker=worker,
-            worker_id=worker_id,
+            worker_id=worker_id, webhooks=webhooks,
         )
 
     async def start_providers(self) -> None:
@@ -91,9 +97,17 @@ class Services:
 
     async def start_worker(self) -> None:
         self.background.append(asyncio.create_task(self.worker.run(), name="textgen-worker"))
+        self.start_webhooks()
+
+    def start_webhooks(self) -> None:
+        """Run the webhook sender in this process (``textgen serve`` and ``textgen worker``)."""
+        if self.webhooks is not None:
+            self.background.append(asyncio.create_task(self.webhooks.run(), name="textgen-webhooks"))
 
     async def aclose(self) -> None:
         await self.worker.stop(self.settings.shutdown_timeout_seconds)
+        if self.webhooks is not None:
+            await self.webhooks.stop(self.settings.shutdown_timeout_seconds)
         for task in self.background:
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)

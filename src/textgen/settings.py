@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: float = Field(15.0, gt=0)
     webhook_schedule: str = "0,5,300,1800,7200,18000,36000,36000,36000,36000,36000,36000,36000"
     webhook_secret_grace_seconds: float = Field(86400.0, ge=0)
+    webhook_jitter: float = Field(0.1, ge=0, lt=1, description="spread of each retry delay, as a fraction")
+    webhook_concurrency: int = Field(16, ge=1, description="webhook attempts in flight per process")
+    webhook_poll_seconds: float = Field(1.0, gt=0, description="polling for deliveries queued elsewhere")
 
     log_level: str = "info"
 

@@ -17,9 +17,11 @@ from textgen.protocol import (
     TextGenRequest,
     TextGenResponse,
 )
+from textgen.webhooks.protocol import WebhookDelivery, WebhookDeliveryList
 
 _MODELS: list[type[BaseModel]] = [
     TextGenRequest, StreamRequest, TextGenResponse, TaskPage, RemainingCredits, ErrorBody, ModelList,
+    WebhookDeliveryList, WebhookDelivery,
 ]
 _ERR = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
 
@@ -101,6 +103,28 @@ def build_openapi() -> dict[str, Any]:
         },
         "/sse/text_generator/{id}/": {"get": get_task},
         "/api/text_generator/{id}/": {"get": {**get_task, "operationId": "api_text_generator_get"}},
+        "/sse/text_generator/{id}/webhooks/": {
+            "get": {
+                "summary": "A task's webhook deliveries and their attempts",
+                "operationId": "text_generator_webhooks",
+                "parameters": [task_id],
+                "security": auth,
+                "responses": {"200": {"description": "Deliveries, oldest first.",
+                                      "content": _ref("WebhookDeliveryList")},
+                              **_errors(401, 404, 429, 503)},
+            }
+        },
+        "/sse/text_generator/{id}/webhooks/redeliver/": {
+            "post": {
+                "summary": "Queue a new webhook delivery of a finished task",
+                "operationId": "text_generator_webhooks_redeliver",
+                "parameters": [task_id],
+                "security": auth,
+                "responses": {"201": {"description": "The queued delivery.",
+                                      "content": _ref("WebhookDelivery")},
+                              **_errors(400, 401, 404, 429, 503)},
+            }
+        },
         "/api/remaining_credits/": {
             "get": {
                 "summary": "Remaining credits of the calling account",

@@ -124,6 +124,8 @@ class Store:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.is_postgres = engine.dialect.name == "postgresql"
+        # Called after a transaction that queued a webhook delivery commits (wakes the in-process sender).
+        self.delivery_listeners: list[Callable[[], None]] = []
 
     async def aclose(self) -> None:
         await self.engine.dispose()
@@ -443,6 +445,8 @@ class Store:
                         attempt_count=0, next_attempt_at=now, created_at=now, updated_at=now,
                     )
                 )
+        if task.webhook_url:
+            self._deliveries_queued()
         return task
 
     async def task_counts(self) -> dict[str, int]:
@@ -466,6 +470,7 @@ class Store:
                     attempt_count=0, next_attempt_at=now, created_at=now, updated_at=now,
                 )
             )
+        self._deliveries_queued()
         return delivery
 
     async def deliveries_for_task(self, task_id: str) -> list[dict[str, Any]]:
@@ -493,3 +498,100 @@ class Store:
                 }
             )
         return out
+
+    # ---- webhook delivery sender (claims, attempts, outcomes) -----------------------------------
+
+    def _deliveries_queued(self) -> None:
+        for listener in self.delivery_listeners:
+            listener()
+
+    async def claim_deliveries(self, worker_id: str, lease_seconds: float, limit: int) -> list[DeliveryRow]:
+        """Lock up to ``limit`` due pending deliveries for ``worker_id``; a lock expires after the lease.
+
+        Only unlocked (or expired) rows are taken, so at most one attempt per delivery is in flight.
+        """
+        now = utcnow()
+        d = webhook_deliveries
+        due = sa.and_(
+            d.c.status == "pending", d.c.next_attempt_at <= now,
+            sa.or_(d.c.locked_until.is_(None), d.c.locked_until < now),
+        )
+        candidates = sa.select(d.c.id).where(due).order_by(d.c.next_attempt_at, d.c.id).limit(limit)
+        if self.is_postgres:
+            candidates = candidates.with_for_update(skip_locked=True)
+        async with self._tx() as conn:
+            rows = (
+                await conn.execute(
+                    d.update()
+                    .where(d.c.id.in_(candidates), due)
+                    .values(locked_by=worker_id, locked_until=now + dt.timedelta(seconds=lease_seconds))
+                    .returning(*d.c)
+                )
+            ).all()
+        claimed = [DeliveryRow(**r._mapping) for r in rows]
+        return sorted(claimed, key=lambda r: (r.next_attempt_at or now, r.id))
+
+    async def record_attempt(self, delivery_id: str, worker_id: str, attempt: AttemptRecord) -> bool:
+        """Log an attempt and move the delivery on (next try, delivered or failed), releasing its lock.
+
+        The attempt is always logged; the delivery itself changes only while ``worker_id`` holds its lock
+        (False otherwise: the lock expired and another sender took the delivery over).
+        """
+        d = webhook_deliveries
+        async with self._tx() as conn:
+            await conn.execute(
+                webhook_attempts.insert().values(
+                    delivery_id=delivery_id, attempted_at=attempt.attempted_at,
+                    status_code=attempt.status_code, error=attempt.error, duration_ms=attempt.duration_ms,
+                    next_attempt_at=attempt.next_attempt_at,
+                )
+            )
+            result = await conn.execute(
+                d.update()
+                .where(d.c.id == delivery_id, d.c.status == "pending", d.c.locked_by == worker_id)
+                .values(
+                    status=attempt.outcome, attempt_count=d.c.attempt_count + 1,
+                    next_attempt_at=attempt.next_attempt_at, locked_by=None, locked_until=None,
+                    updated_at=utcnow(),
+                )
+            )
+        return bool(result.rowcount)
+
+    async def release_deliveries(self, worker_id: str) -> int:
+        """Unlock every delivery ``worker_id`` holds (shutdown), so another sender can retry it at once."""
+        d = webhook_deliveries
+        async with self._tx() as conn:
+            result = await conn.execute(
+                d.update()
+                .where(d.c.locked_by == worker_id, d.c.status == "pending")
+                .values(locked_by=None, locked_until=None)
+            )
+        return int(result.rowcount)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRow:
+    id: str
+    task_id: str
+    account_id: int
+    url: str
+    payload: str
+    status: str
+    attempt_count: int
+    next_attempt_at: dt.datetime | None
+    locked_by: str | None
+    locked_until: dt.datetime | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One delivery attempt and what it leads to: ``outcome`` is the delivery's status afterwards."""
+
+    attempted_at: dt.datetime
+    status_code: int | None
+    error: str | None
+    duration_ms: float
+    outcome: str  # pending | delivered | failed
+    next_attempt_at: dt.datetime | None
