@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     gemini_timeout_seconds: float = Field(300.0, gt=0)
     gemini_retry_budget_seconds: float = Field(60.0, ge=0)
     gemini_max_attempts: int = Field(5, ge=1)
+    gemini_retry_initial_delay_seconds: float = Field(1.0, ge=0)
+    gemini_retry_max_delay_seconds: float = Field(30.0, ge=0)
+    # Larger requests send their videos through the File API (Gemini's inline limit, base64 included).
+    gemini_inline_request_bytes: int = Field(100_000_000, gt=0)
+    gemini_file_poll_seconds: float = Field(1.0, gt=0)
+    gemini_file_active_timeout_seconds: float = Field(600.0, gt=0)
 
     run_worker: bool = True
     worker_concurrency: int = Field(4, ge=1)

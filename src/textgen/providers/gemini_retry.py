@@ -1,0 +1,143 @@
+"""Gemini upstream failures: what each one means, whether to try again, and what the client is told."""
+
+from __future__ import annotations
+
+import email.utils
+import random
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import httpx2
+from google.genai import errors as genai_errors
+
+from textgen.errors import UpstreamError
+
+RETRYABLE_STATUSES = frozenset({429, 500, 503, 504})
+# What the client of this service sees for an upstream status (anything else: 502 Bad Gateway).
+_CLIENT_STATUS = {400: 400, 413: 413, 429: 429, 503: 503, 504: 504}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
+_TRANSPORT_ERRORS = (httpx.TransportError, httpx2.TransportError, ConnectionError)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_attempts: int
+    budget_seconds: float
+    initial_delay: float = 1.0
+    max_delay: float = 30.0
+    jitter: float = 0.5  # the share of each backoff that is randomised
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamFailure:
+    """One failed attempt, reduced to what the retry decision and the error message need."""
+
+    status: int | None  # HTTP status; None when no answer came (connection error, timeout)
+    description: str
+    retry_after: float | None = None  # seconds, from RetryInfo.retryDelay or Retry-After
+
+
+@dataclass(frozen=True, slots=True)
+class RetryDecision:
+    retry: bool
+    delay: float = 0.0
+    reason: str = ""
+
+
+def decide(
+    failure: UpstreamFailure,
+    attempts: int,
+    elapsed: float,
+    policy: RetryPolicy,
+    rand: Callable[[], float] = random.random,
+) -> RetryDecision:
+    """Whether to try again after ``attempts`` attempts that took ``elapsed`` seconds, and after how long."""
+    if failure.status is not None and failure.status not in RETRYABLE_STATUSES:
+        return RetryDecision(False, reason="not retryable")
+    if attempts >= policy.max_attempts:
+        return RetryDecision(False, reason=f"gave up after {attempts} attempts")
+    backoff = min(policy.max_delay, policy.initial_delay * 2 ** (attempts - 1))
+    delay = backoff * (1 - policy.jitter) + backoff * policy.jitter * rand()
+    if failure.retry_after is not None:
+        delay = max(delay, failure.retry_after)
+    if elapsed + delay > policy.budget_seconds:
+        return RetryDecision(
+            False,
+            reason=f"gave up after {attempts} attempts: the next try would pass the "
+            f"{policy.budget_seconds:g} s retry budget",
+        )
+    return RetryDecision(True, delay=delay)
+
+
+def parse_duration(value: Any) -> float | None:
+    """A protobuf JSON Duration such as ``"22s"`` or ``"0.5s"``, in seconds."""
+    if not isinstance(value, str):
+        return None
+    match = _DURATION.match(value)
+    return float(match.group(1)) if match else None
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """A Retry-After header: delta seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def classify(exc: BaseException) -> UpstreamFailure | None:
+    """Turn an SDK or transport exception into a failure; None for other exceptions."""
+    if isinstance(exc, genai_errors.APIError):
+        return _api_failure(exc)
+    if isinstance(exc, (httpx.TimeoutException, httpx2.TimeoutException, TimeoutError)):
+        return UpstreamFailure(None, f"Gemini did not answer in time ({type(exc).__name__})")
+    if isinstance(exc, _TRANSPORT_ERRORS):
+        detail = str(exc) or type(exc).__name__
+        return UpstreamFailure(None, f"could not reach Gemini: {detail}")
+    return None
+
+
+def _api_failure(exc: genai_errors.APIError) -> UpstreamFailure:
+    code = int(exc.code) if exc.code else 0
+    status = f" {exc.status}" if exc.status else ""
+    message = exc.message or "(no message)"
+    retry_after = None
+    details = exc.details.get("error", exc.details) if isinstance(exc.details, dict) else {}
+    for detail in details.get("details") or [] if isinstance(details, dict) else []:
+        if isinstance(detail, dict) and str(detail.get("@type", "")).endswith("google.rpc.RetryInfo"):
+            retry_after = parse_duration(detail.get("retryDelay"))
+    if retry_after is None:
+        headers = getattr(getattr(exc, "response", None), "headers", None)
+        if headers is not None:
+            retry_after = parse_retry_after(headers.get("retry-after"))
+    return UpstreamFailure(code, f"Gemini answered {code}{status}: {message}", retry_after)
+
+
+def client_status(failure: UpstreamFailure) -> int:
+    """The HTTP status this service answers with for an upstream failure."""
+    if failure.status is None:
+        return 504 if "in time" in failure.description else 502
+    return _CLIENT_STATUS.get(failure.status, 502)
+
+
+def to_error(failure: UpstreamFailure, decision: RetryDecision | None = None) -> UpstreamError:
+    """The exception that fails the task (or answers the stream request) for a final failure."""
+    message = failure.description
+    if decision is not None and decision.reason and decision.reason != "not retryable":
+        message = f"{message} ({decision.reason})"
+    return UpstreamError(
+        message,
+        status_code=client_status(failure),
+        retryable=failure.status is None or failure.status in RETRYABLE_STATUSES,
+        retry_after=failure.retry_after,
+    )
