@@ -32,12 +32,19 @@ def textgen_env(**values: str) -> dict[str, str]:
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "textgen", *args], env=env, capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-m", "textgen", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
 @contextmanager
-def textgen_process(*args: str, env: dict[str, str], log: Path, port: int | None = None) -> Iterator[subprocess.Popen[str]]:
+def textgen_process(
+    *args: str, env: dict[str, str], log: Path, port: int | None = None
+) -> Iterator[subprocess.Popen[str]]:
     """Start ``textgen ARGS`` and stop it afterwards (SIGKILL if SIGTERM is not enough)."""
     with log.open("a") as out:
         proc = subprocess.Popen(

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from textgen.settings import Settings
 from tests.conftest import make_settings, run_server
 from tests.fakes.providers import FakeProvider
+from textgen.settings import Settings
 
 CREATE = "/sse/text_generator/"
 
@@ -23,10 +23,18 @@ async def test_missing_or_wrong_credentials_are_401(settings: Settings) -> None:
     async with run_server(settings, {"fake": FakeProvider()}) as server:
         account = await server.account()
         async with server.client() as client:
-            for headers in ({}, {"X-API-ID": account.api_id}, {"X-API-ID": account.api_id, "X-API-KEY": "tgk_wrong"},
-                            {"X-API-ID": "tg_unknown", "X-API-KEY": account.api_key}):
-                for method, path in (("POST", CREATE), ("GET", CREATE), ("GET", "/api/remaining_credits/"),
-                                     ("GET", "/sse/text_generator/00000000-0000-0000-0000-000000000000/")):
+            for headers in (
+                {},
+                {"X-API-ID": account.api_id},
+                {"X-API-ID": account.api_id, "X-API-KEY": "tgk_wrong"},
+                {"X-API-ID": "tg_unknown", "X-API-KEY": account.api_key},
+            ):
+                for method, path in (
+                    ("POST", CREATE),
+                    ("GET", CREATE),
+                    ("GET", "/api/remaining_credits/"),
+                    ("GET", "/sse/text_generator/00000000-0000-0000-0000-000000000000/"),
+                ):
                     response = await client.request(method, path, headers=headers, json=body())
                     assert response.status_code == 401, (headers, path)
                     assert set(response.json()) == {"error"}
@@ -36,7 +44,10 @@ BAD_BODIES = [
     (body(messages=[{"role": "assistant", "content": "x"}]), "messages[0].role"),
     (body(messages=[]), "messages"),
     (body(messages=[{"role": "user", "function_call": {"name": "f", "args": {}}}]), "function_call"),
-    (body(messages=[{"role": "model", "function_response": {"name": "f", "response": {}}}]), "function_response"),
+    (
+        body(messages=[{"role": "model", "function_response": {"name": "f", "response": {}}}]),
+        "function_response",
+    ),
     (body(config={"temperature": 2.5}), "config.temperature"),
     (body(config={"temperature": -0.1}), "config.temperature"),
     (body(config={"top_p": 1.5}), "config.top_p"),
@@ -45,23 +56,41 @@ BAD_BODIES = [
     (body(config={"max_output_tokens": 0}), "config.max_output_tokens"),
     (body(config={"max_output_tokens": 5000}), "config.max_output_tokens"),
     (body(config={"response_mime_type": "text/html"}), "config.response_mime_type"),
-    (body(config={"response_mime_type": "text/plain", "response_json_schema": {"type": "object"}}),
-     "response_json_schema"),
+    (
+        body(config={"response_mime_type": "text/plain", "response_json_schema": {"type": "object"}}),
+        "response_json_schema",
+    ),
     (body(config={"max_tokens": 5}), "config.max_tokens"),
     (body(model_name="gpt-4"), "model_name"),
     (body(model_name="x" * 300), "model_name"),
     ({"messages": [{"role": "user", "content": "hi"}]}, "model_name"),
     (body(webhook_url="ftp://example.com/hook"), "webhook_url"),
     (body(webhook_url="https://user:pw@example.com/hook"), "webhook_url"),
-    (body(tools=[{"function_declarations": [{"name": "bad name"}]}]), "tools[0].function_declarations[0].name"),
+    (
+        body(tools=[{"function_declarations": [{"name": "bad name"}]}]),
+        "tools[0].function_declarations[0].name",
+    ),
     (body(tools=[{"function_declarations": [{"name": "f"}, {"name": "f"}]}]), "declared more than once"),
     (body(tool_config={"function_calling_config": {"mode": "ANY"}}), "tool_config"),
-    (body(tools=[{"function_declarations": [{"name": "f"}]}],
-          tool_config={"function_calling_config": {"mode": "ANY", "allowed_function_names": ["g"]}}),
-     "allowed_function_names"),
-    (body(messages=[{"role": "user", "content": [{"type": "image", "data": "!!!", "mime_type": "image/png"}]}]),
-     "messages[0].content[0]"),
-    (body(messages=[{"role": "user", "content": [{"type": "audio", "data": "AA=="}]}]), "messages[0].content"),
+    (
+        body(
+            tools=[{"function_declarations": [{"name": "f"}]}],
+            tool_config={"function_calling_config": {"mode": "ANY", "allowed_function_names": ["g"]}},
+        ),
+        "allowed_function_names",
+    ),
+    (
+        body(
+            messages=[
+                {"role": "user", "content": [{"type": "image", "data": "!!!", "mime_type": "image/png"}]}
+            ]
+        ),
+        "messages[0].content[0]",
+    ),
+    (
+        body(messages=[{"role": "user", "content": [{"type": "audio", "data": "AA=="}]}]),
+        "messages[0].content",
+    ),
     (body(sync="yes"), "sync"),
 ]
 
@@ -83,11 +112,15 @@ async def test_malformed_json_and_empty_body_are_400(settings: Settings) -> None
         account = await server.account()
         async with server.client(account) as client:
             for raw in (b'{"model_name": ', b"", b"not json", b"[1,2]", b'{"model_name": "fake-model"'):
-                response = await client.post(CREATE, content=raw, headers={"Content-Type": "application/json"})
+                response = await client.post(
+                    CREATE, content=raw, headers={"Content-Type": "application/json"}
+                )
                 assert response.status_code == 400
                 assert response.json()["error"]
-            deep = b'{"model_name":"fake-model","messages":[{"role":"user","function_response":{"name":"f",' \
-                   b'"response":' + b'{"a":' * 5000 + b"1" + b"}" * 5000 + b"}}]}"
+            deep = (
+                b'{"model_name":"fake-model","messages":[{"role":"user","function_response":{"name":"f",'
+                b'"response":' + b'{"a":' * 5000 + b"1" + b"}" * 5000 + b"}}]}"
+            )
             response = await client.post(CREATE, content=deep)
             assert response.status_code == 400
 
@@ -130,13 +163,17 @@ async def test_sync_and_async_through_the_same_task_path(settings: Settings) -> 
             # fake-model: 7 input + 5 output tokens at 1000 USD/1M, 100 credits per USD.
             assert sync["credits_used"] == pytest.approx(12 * 1000 / 1e6 * 100)
             assert sync["input_tokens"] == 7 and sync["output_tokens"] == 5
-            queued = (await client.post(CREATE, json=body(messages=[{"role": "user", "content": "later"}]))).json()
+            queued = (
+                await client.post(CREATE, json=body(messages=[{"role": "user", "content": "later"}]))
+            ).json()
             assert queued["status"] == "pending"
         done = await server.wait_for(account, queued["id"])
         assert done["response_text"] == "echo: later"
         summary = await server.services.store.ledger_summary(account.id)
         assert summary.balance == summary.ledger_sum
-        assert summary.balance == 100_000_000 - round(sync["credits_used"] * 1e6) - round(done["credits_used"] * 1e6)
+        assert summary.balance == 100_000_000 - round(sync["credits_used"] * 1e6) - round(
+            done["credits_used"] * 1e6
+        )
 
 
 async def test_failed_generation_releases_the_reservation(settings: Settings) -> None:
@@ -167,7 +204,7 @@ async def test_listing_is_newest_first_paginated_and_filtered(settings: Settings
         ids = []
         async with server.client(account) as client:
             for i in range(7):
-                created = (await client.post(CREATE, json=body(messages=[{"role": "user", "content": str(i)}])))
+                created = await client.post(CREATE, json=body(messages=[{"role": "user", "content": str(i)}]))
                 ids.append(created.json()["id"])
             newest_first = list(reversed(ids))
             page = (await client.get(CREATE, params={"limit": 3})).json()
@@ -185,8 +222,14 @@ async def test_listing_is_newest_first_paginated_and_filtered(settings: Settings
             back = (await client.get(back["previous"])).json()
             assert [t["id"] for t in back["results"]] == newest_first[:3]
             assert back["previous"] is None
-            for bad in ({"limit": 0}, {"limit": 101}, {"limit": "x"}, {"status": "weird"}, {"cursor": "zzz"},
-                        {"other": 1}):
+            for bad in (
+                {"limit": 0},
+                {"limit": 101},
+                {"limit": "x"},
+                {"status": "weird"},
+                {"cursor": "zzz"},
+                {"other": 1},
+            ):
                 response = await client.get(CREATE, params=bad)
                 assert response.status_code == 400, bad
             assert (await client.get(CREATE, params={"status": "done"})).json()["results"] == []
@@ -253,21 +296,27 @@ async def test_concurrent_requests_never_overdraw_and_the_ledger_reconciles(sett
 
 
 async def test_health_openapi_and_docs(settings: Settings) -> None:
-    async with run_server(settings, {"fake": FakeProvider()}, run_worker=False) as server:
-        async with server.client() as client:
-            assert (await client.get("/healthz")).json() == {"status": "ok"}
-            ready = (await client.get("/readyz")).json()
-            assert ready["status"] == "ready" and ready["checks"]["database"] == "ok"
-            spec = (await client.get("/openapi.json")).json()
-            request_schema = spec["components"]["schemas"]["TextGenRequest"]
-            assert set(request_schema["required"]) == {"model_name", "messages"}
-            assert {"sync", "webhook_url", "tools", "tool_config", "config"} <= set(request_schema["properties"])
-            for path in ("/sse/text_generator/", "/sse/text_generator/stream/", "/sse/text_generator/{id}/",
-                         "/api/remaining_credits/"):
-                assert path in spec["paths"]
-            docs = await client.get("/docs")
-            assert docs.status_code == 200 and "TextGenRequest" in docs.text
-            assert "/sse/text_generator/stream/" in docs.text
+    async with (
+        run_server(settings, {"fake": FakeProvider()}, run_worker=False) as server,
+        server.client() as client,
+    ):
+        assert (await client.get("/healthz")).json() == {"status": "ok"}
+        ready = (await client.get("/readyz")).json()
+        assert ready["status"] == "ready" and ready["checks"]["database"] == "ok"
+        spec = (await client.get("/openapi.json")).json()
+        request_schema = spec["components"]["schemas"]["TextGenRequest"]
+        assert set(request_schema["required"]) == {"model_name", "messages"}
+        assert {"sync", "webhook_url", "tools", "tool_config", "config"} <= set(request_schema["properties"])
+        for path in (
+            "/sse/text_generator/",
+            "/sse/text_generator/stream/",
+            "/sse/text_generator/{id}/",
+            "/api/remaining_credits/",
+        ):
+            assert path in spec["paths"]
+        docs = await client.get("/docs")
+        assert docs.status_code == 200 and "TextGenRequest" in docs.text
+        assert "/sse/text_generator/stream/" in docs.text
 
 
 async def test_every_error_has_the_one_shape(settings: Settings) -> None:

@@ -28,8 +28,12 @@ def test_accounts_commands(tmp_path: Path) -> None:
     assert shown["webhook_secret"].startswith("whsec_")
     credited = run_cli("accounts", "credit", account["api_id"], "2.5", env=env)
     assert credited.returncode == 0 and "7.5" in credited.stdout
-    assert json.loads(run_cli("accounts", "show", account["api_id"], "--json", env=env).stdout)[
-        "remaining_credits"] == 7.5
+    assert (
+        json.loads(run_cli("accounts", "show", account["api_id"], "--json", env=env).stdout)[
+            "remaining_credits"
+        ]
+        == 7.5
+    )
     overdrawn = run_cli("accounts", "credit", account["api_id"], "-100", env=env)
     assert overdrawn.returncode != 0 and "below zero" in overdrawn.stderr
     missing = run_cli("accounts", "show", "tg_nobody", env=env)
@@ -47,8 +51,11 @@ def test_killed_server_loses_nothing(tmp_path: Path) -> None:
     port = free_port()
     db = tmp_path / "crash.db"
     env = textgen_env(
-        TEXTGEN_DATABASE_URL=f"sqlite+aiosqlite:///{db}", TEXTGEN_LEASE_SECONDS="2", TEXTGEN_LOG_LEVEL="warning",
-        TEXTGEN_WORKER_POLL_SECONDS="0.2", TEXTGEN_DEFAULT_RATE_LIMIT="100000",
+        TEXTGEN_DATABASE_URL=f"sqlite+aiosqlite:///{db}",
+        TEXTGEN_LEASE_SECONDS="2",
+        TEXTGEN_LOG_LEVEL="warning",
+        TEXTGEN_WORKER_POLL_SECONDS="0.2",
+        TEXTGEN_DEFAULT_RATE_LIMIT="100000",
     )
     log = tmp_path / "server.log"
     url = f"http://127.0.0.1:{port}"
@@ -83,7 +90,9 @@ def test_killed_server_loses_nothing(tmp_path: Path) -> None:
         remaining = httpx.get(f"{url}/api/remaining_credits/", headers=headers).json()["remaining_credits"]
     with sqlite3.connect(db) as conn:
         attempts = conn.execute("SELECT attempts FROM tasks WHERE id = ?", (task["id"],)).fetchone()[0]
-        kinds = [r[0] for r in conn.execute("SELECT kind FROM ledger WHERE task_id = ? ORDER BY id", (task["id"],))]
+        kinds = [
+            r[0] for r in conn.execute("SELECT kind FROM ledger WHERE task_id = ? ORDER BY id", (task["id"],))
+        ]
         balance, total = conn.execute(
             "SELECT a.balance, (SELECT SUM(amount) FROM ledger l WHERE l.account_id = a.id) FROM accounts a"
         ).fetchone()

@@ -78,12 +78,20 @@ async def test_image_input_to_text_only_model_is_refused(tmp_path: Path) -> None
     async with run_server(make_settings(tmp_path)) as server:
         account = await server.account()
         async with server.client(account) as client:
-            response = await client.post("/sse/text_generator/", json={
-                "model_name": "smollm2-135m-instruct",
-                "messages": [{"role": "user", "content": [
-                    {"type": "image", "data": png, "mime_type": "image/png"},
-                    {"type": "text", "text": "Describe this."},
-                ]}],
-            })
+            response = await client.post(
+                "/sse/text_generator/",
+                json={
+                    "model_name": "smollm2-135m-instruct",
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "image", "data": png, "mime_type": "image/png"},
+                                {"type": "text", "text": "Describe this."},
+                            ],
+                        }
+                    ],
+                },
+            )
             assert response.status_code == 400
             assert "does not accept image" in response.json()["error"]

@@ -11,10 +11,10 @@ from typing import Any
 import httpx
 from httpx_sse import aconnect_sse
 
-from textgen.errors import UpstreamError
-from textgen.settings import Settings
 from tests.conftest import Account, Server, make_settings, run_server
 from tests.fakes.providers import FakeProvider
+from textgen.errors import UpstreamError
+from textgen.settings import Settings
 
 STREAM = "/sse/text_generator/stream/"
 LOCAL = {
@@ -25,8 +25,11 @@ LOCAL = {
 
 
 def fake_body(text: str = "one two three four five") -> dict[str, Any]:
-    return {"model_name": "fake-model", "messages": [{"role": "user", "content": text}],
-            "config": {"max_output_tokens": 20}}
+    return {
+        "model_name": "fake-model",
+        "messages": [{"role": "user", "content": text}],
+        "config": {"max_output_tokens": 20},
+    }
 
 
 async def collect(server: Server, account: Account, body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -96,7 +99,9 @@ async def test_errors_before_the_stream_are_http_statuses(settings: Settings) ->
             # fake-model costs 1000 USD per 1M tokens: 20 output tokens need more than 1 credit.
             response = await client.post(STREAM, json=fake_body())
             assert response.status_code == 402
-            fake.fail_before_first = UpstreamError("upstream said: quota exhausted", status_code=429, retry_after=7)
+            fake.fail_before_first = UpstreamError(
+                "upstream said: quota exhausted", status_code=429, retry_after=7
+            )
             await server.services.store.grant(account.api_id, 10_000_000)
             response = await client.post(STREAM, json=fake_body())
             assert response.status_code == 429
@@ -137,7 +142,10 @@ async def test_keepalive_comments_while_upstream_is_silent(tmp_path: Path, model
     fake = FakeProvider(chunk_delay=0.5)
     async with run_server(settings, {"fake": fake}) as server:
         account = await server.account()
-        async with server.client(account) as client, client.stream("POST", STREAM, json=fake_body("a b c")) as r:
+        async with (
+            server.client(account) as client,
+            client.stream("POST", STREAM, json=fake_body("a b c")) as r,
+        ):
             raw = "".join([chunk async for chunk in r.aiter_text()])
         assert ": ping" in raw
         # "echo: a b c" is four word chunks plus the final one; Gemini framing is "data: {json}\n\n".
@@ -148,12 +156,18 @@ async def test_keepalive_comments_while_upstream_is_silent(tmp_path: Path, model
 
 
 async def test_client_disconnect_stops_the_local_model(tmp_path: Path) -> None:
-    body = {**LOCAL, "messages": [{"role": "user", "content": "Count from 1 to 500, one number per line."}],
-            "config": {"max_output_tokens": 1500, "temperature": 0.0}}
+    body = {
+        **LOCAL,
+        "messages": [{"role": "user", "content": "Count from 1 to 500, one number per line."}],
+        "config": {"max_output_tokens": 1500, "temperature": 0.0},
+    }
     async with run_server(make_settings(tmp_path)) as server:
         account = await server.account(credits=10)
         provider: Any = server.services.registry.providers["local"]
-        async with server.client(account) as client, aconnect_sse(client, "POST", STREAM, json=body) as source:
+        async with (
+            server.client(account) as client,
+            aconnect_sse(client, "POST", STREAM, json=body) as source,
+        ):
             seen = 0
             async for _ in source.aiter_sse():
                 seen += 1
@@ -193,9 +207,10 @@ async def test_many_concurrent_streams_in_one_process(settings: Settings) -> Non
 
         async def one(i: int) -> tuple[str, str]:
             body = fake_body(f"stream {i} says hello world")
-            async with server.client(account, limits=limits) as client, aconnect_sse(
-                client, "POST", STREAM, json=body
-            ) as source:
+            async with (
+                server.client(account, limits=limits) as client,
+                aconnect_sse(client, "POST", STREAM, json=body) as source,
+            ):
                 datas = [json.loads(s.data) async for s in source.aiter_sse()]
             return datas[-1]["creatify"]["id"], "".join(chunk_text(d) for d in datas)
 

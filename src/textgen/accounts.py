@@ -39,8 +39,13 @@ async def create_account(store: Store, name: str, credits: float, rate_limit: in
     api_id = "tg_" + secrets.token_hex(12)
     api_key = "tgk_" + secrets.token_urlsafe(32)
     account = await store.create_account(
-        api_id=api_id, key_hash=hash_key(api_key), key_prefix=api_key[:10], name=name,
-        credits=to_micro(credits), rate_limit=rate_limit, webhook_secret=new_webhook_secret(),
+        api_id=api_id,
+        key_hash=hash_key(api_key),
+        key_prefix=api_key[:10],
+        name=name,
+        credits=to_micro(credits),
+        rate_limit=rate_limit,
+        webhook_secret=new_webhook_secret(),
     )
     return NewAccount(account=account, api_key=api_key)
 

@@ -54,8 +54,14 @@ class UpstreamError(TextgenError):
 
     status_code = 502
 
-    def __init__(self, message: str, *, status_code: int = 502, retryable: bool = False,
-                 retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int = 502,
+        retryable: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.retryable = retryable

@@ -11,8 +11,17 @@ IMAGE_MIME_TYPES = frozenset(
 )
 VIDEO_MIME_TYPES = frozenset(
     {
-        "video/mp4", "video/mpeg", "video/mov", "video/quicktime", "video/avi", "video/x-flv",
-        "video/mpg", "video/webm", "video/wmv", "video/x-ms-wmv", "video/3gpp",
+        "video/mp4",
+        "video/mpeg",
+        "video/mov",
+        "video/quicktime",
+        "video/avi",
+        "video/x-flv",
+        "video/mpg",
+        "video/webm",
+        "video/wmv",
+        "video/x-ms-wmv",
+        "video/3gpp",
     }
 )
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
@@ -95,7 +104,9 @@ def check_media(kind: str, mime_type: str, data: str) -> bytes:
         (IMAGE_MIME_TYPES, MAX_IMAGE_BYTES) if kind == "image" else (VIDEO_MIME_TYPES, MAX_VIDEO_BYTES)
     )
     if mime_type not in allowed:
-        raise ValueError(f"mime_type {mime_type!r} is not a supported {kind} type ({', '.join(sorted(allowed))})")
+        raise ValueError(
+            f"mime_type {mime_type!r} is not a supported {kind} type ({', '.join(sorted(allowed))})"
+        )
     if not data:
         raise ValueError("data is empty")
     if decoded_length(data) > limit:

@@ -170,7 +170,7 @@ class GenerationInput(_Strict):
     model_name: str = Field(max_length=255, description="Name of the model (e.g. gemini-2.5-flash).")
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     system_instruction: str = ""
-    config: TextGenConfig = Field(default_factory=TextGenConfig)
+    config: TextGenConfig = Field(default_factory=lambda: TextGenConfig())
     tools: list[Tool] = Field(default_factory=list)
     tool_config: ToolConfig | None = None
 
@@ -183,14 +183,17 @@ class GenerationInput(_Strict):
         fcc = self.tool_config.function_calling_config if self.tool_config else None
         if fcc is not None:
             if fcc.mode in (FunctionCallingMode.ANY, FunctionCallingMode.VALIDATED) and not names:
-                raise ValueError(f"tool_config: mode {fcc.mode.value} needs at least one function declaration")
+                raise ValueError(
+                    f"tool_config: mode {fcc.mode.value} needs at least one function declaration"
+                )
             for allowed in fcc.allowed_function_names or []:
                 if allowed not in names:
                     raise ValueError(
                         f"tool_config.function_calling_config.allowed_function_names: {allowed!r} is not declared"
                     )
             if fcc.allowed_function_names and fcc.mode not in (
-                FunctionCallingMode.ANY, FunctionCallingMode.VALIDATED
+                FunctionCallingMode.ANY,
+                FunctionCallingMode.VALIDATED,
             ):
                 raise ValueError(
                     "tool_config.function_calling_config.allowed_function_names is only allowed with mode ANY "

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from limits import RateLimitItemPerMinute
 from limits.aio.storage import MemoryStorage, Storage
-from limits.storage import storage_from_string
 from limits.aio.strategies import MovingWindowRateLimiter
+from limits.storage import storage_from_string
 
 from textgen.errors import RateLimited
 
@@ -39,7 +39,9 @@ class RateLimiter:
         self._shared: MovingWindowRateLimiter | None = None
         self.degraded_reason: str | None = None
         if redis_url:
-            uri = redis_url.replace("redis://", "async+redis://", 1).replace("rediss://", "async+rediss://", 1)
+            uri = redis_url.replace("redis://", "async+redis://", 1).replace(
+                "rediss://", "async+rediss://", 1
+            )
             storage = storage_from_string(uri, socket_timeout=0.5, socket_connect_timeout=0.5)
             assert isinstance(storage, Storage)
             self._shared = MovingWindowRateLimiter(storage)

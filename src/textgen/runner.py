@@ -25,7 +25,9 @@ def generation_input(task: TaskRow) -> GenerationInput:
 
 
 class Runner:
-    def __init__(self, store: Store, registry: ProviderRegistry, pricing: Pricing, lease_seconds: float) -> None:
+    def __init__(
+        self, store: Store, registry: ProviderRegistry, pricing: Pricing, lease_seconds: float
+    ) -> None:
         self.store = store
         self.registry = registry
         self.pricing = pricing
@@ -35,7 +37,9 @@ class Runner:
         """Generate, then finish the task; None when the lease was lost to another worker meanwhile."""
         if task.mode == "stream":
             # The client of a stream is gone once its server stopped; nobody would read a rerun.
-            return await self.finish(task.id, worker_id, Outcome(status="failed", failed_reason=INTERRUPTED_STREAM))
+            return await self.finish(
+                task.id, worker_id, Outcome(status="failed", failed_reason=INTERRUPTED_STREAM)
+            )
         outcome = await self._generate(task, worker_id)
         return await self.finish(task.id, worker_id, outcome)
 
@@ -65,7 +69,8 @@ class Runner:
         except Exception:
             log.exception("task %s: generation failed", task.id)
             return Outcome(
-                status="failed", failed_reason=f"internal error while generating (task {task.id}, see server log)"
+                status="failed",
+                failed_reason=f"internal error while generating (task {task.id}, see server log)",
             )
         finally:
             add_upstream(time.perf_counter() - started)
@@ -77,9 +82,11 @@ class Runner:
     def outcome(self, model_name: str, result: Generation) -> Outcome:
         spec = self.registry.catalog[model_name]
         return Outcome(
-            status="done", response_text=result.text,
+            status="done",
+            response_text=result.text,
             function_calls=[call.as_json() for call in result.function_calls],
-            finish_reason=result.finish_reason, input_tokens=result.input_tokens,
+            finish_reason=result.finish_reason,
+            input_tokens=result.input_tokens,
             output_tokens=result.output_tokens,
             cost=self.pricing.cost(spec, result.input_tokens, result.output_tokens),
         )

@@ -72,8 +72,11 @@ class _Accumulated:
 
     def generation(self) -> Generation:
         return Generation(
-            text="".join(self.text), function_calls=list(self.calls), input_tokens=self.input_tokens,
-            output_tokens=self.output_tokens, finish_reason=self.finish_reason or "STOP",
+            text="".join(self.text),
+            function_calls=list(self.calls),
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            finish_reason=self.finish_reason or "STOP",
         )
 
 
@@ -86,8 +89,13 @@ class StreamEvent:
 class StreamSession:
     """One streamed generation, from admission to settlement."""
 
-    def __init__(self, service: TaskService, task: TaskRow, chunks: AsyncIterator[StreamChunk],
-                 first: StreamChunk | None) -> None:
+    def __init__(
+        self,
+        service: TaskService,
+        task: TaskRow,
+        chunks: AsyncIterator[StreamChunk],
+        first: StreamChunk | None,
+    ) -> None:
         self.service = service
         self.task = task
         self._chunks = chunks
@@ -101,9 +109,14 @@ class StreamSession:
         """Admit, reserve and start the generation; raises TextgenError before any byte is sent."""
         spec, provider, reserve = service.admit(request)
         task = await service.store.create_task(
-            account_id=account.id, model_name=request.model_name, mode="stream",
-            request=service.stored_request(request), webhook_url=None, reserve=reserve,
-            lease_owner=service.worker_id, lease_seconds=service.lease_seconds,
+            account_id=account.id,
+            model_name=request.model_name,
+            mode="stream",
+            request=service.stored_request(request),
+            webhook_url=None,
+            reserve=reserve,
+            lease_owner=service.worker_id,
+            lease_seconds=service.lease_seconds,
         )
         chunks = provider.stream(spec, request).__aiter__()
         started = time.perf_counter()
@@ -114,10 +127,14 @@ class StreamSession:
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 await chunks.aclose()  # type: ignore[attr-defined]
-            reason = exc.message if isinstance(exc, TextgenError) else f"generation failed: {type(exc).__name__}"
+            reason = (
+                exc.message if isinstance(exc, TextgenError) else f"generation failed: {type(exc).__name__}"
+            )
             if not isinstance(exc, TextgenError | asyncio.CancelledError):
                 log.exception("task %s: stream failed before its first chunk", task.id)
-            await service.runner.finish(task.id, service.worker_id, Outcome(status="failed", failed_reason=reason))
+            await service.runner.finish(
+                task.id, service.worker_id, Outcome(status="failed", failed_reason=reason)
+            )
             if isinstance(exc, TextgenError | asyncio.CancelledError):
                 raise
             raise UpstreamError(reason) from exc
@@ -153,9 +170,12 @@ class StreamSession:
             await self._finish(Outcome(status="failed", failed_reason=reason))
             yield self._error_event(reason, 502)
             return
-        finished = await self._finish(self.service.runner.outcome(self.task.model_name, self._acc.generation()))
-        last = held or StreamChunk(finish_reason="STOP", input_tokens=self._acc.input_tokens,
-                                   output_tokens=self._acc.output_tokens)
+        finished = await self._finish(
+            self.service.runner.outcome(self.task.model_name, self._acc.generation())
+        )
+        last = held or StreamChunk(
+            finish_reason="STOP", input_tokens=self._acc.input_tokens, output_tokens=self._acc.output_tokens
+        )
         data = gemini_chunk(last, self.task.model_name, self.task.id)
         credits = from_micro(finished.credits_used) if finished else 0.0
         data["creatify"] = {"id": self.task.id, "credits_used": credits}
@@ -163,7 +183,10 @@ class StreamSession:
 
     def _error_event(self, message: str, status: int) -> StreamEvent:
         return StreamEvent(
-            {"error": {"code": status, "message": message}, "creatify": {"id": self.task.id, "credits_used": 0.0}},
+            {
+                "error": {"code": status, "message": message},
+                "creatify": {"id": self.task.id, "credits_used": 0.0},
+            },
             event="error",
         )
 
@@ -190,4 +213,6 @@ class StreamSession:
         while True:
             await asyncio.sleep(interval)
             with contextlib.suppress(StorageUnavailable):
-                await self.service.store.renew_lease(self.task.id, self.service.worker_id, self.service.lease_seconds)
+                await self.service.store.renew_lease(
+                    self.task.id, self.service.worker_id, self.service.lease_seconds
+                )

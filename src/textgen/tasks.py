@@ -60,8 +60,15 @@ def decode_cursor(value: str) -> Cursor:
 
 class TaskService:
     def __init__(
-        self, store: Store, registry: ProviderRegistry, pricing: Pricing, runner: Runner, *, worker_id: str,
-        lease_seconds: float, sync_timeout: float,
+        self,
+        store: Store,
+        registry: ProviderRegistry,
+        pricing: Pricing,
+        runner: Runner,
+        *,
+        worker_id: str,
+        lease_seconds: float,
+        sync_timeout: float,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -95,16 +102,25 @@ class TaskService:
                 raise BadRequest(f"webhook_url: {exc}") from None
         if not request.sync:
             task = await self.store.create_task(
-                account_id=account.id, model_name=request.model_name, mode="async",
-                request=self.stored_request(request), webhook_url=request.webhook_url, reserve=reserve,
+                account_id=account.id,
+                model_name=request.model_name,
+                mode="async",
+                request=self.stored_request(request),
+                webhook_url=request.webhook_url,
+                reserve=reserve,
             )
             for callback in self.on_queued:
                 callback()
             return task
         task = await self.store.create_task(
-            account_id=account.id, model_name=request.model_name, mode="sync",
-            request=self.stored_request(request), webhook_url=request.webhook_url, reserve=reserve,
-            lease_owner=self.worker_id, lease_seconds=self.lease_seconds,
+            account_id=account.id,
+            model_name=request.model_name,
+            mode="sync",
+            request=self.stored_request(request),
+            webhook_url=request.webhook_url,
+            reserve=reserve,
+            lease_owner=self.worker_id,
+            lease_seconds=self.lease_seconds,
         )
         # Shielded: a client that hangs up does not abandon a generation it has been charged for.
         run = asyncio.ensure_future(self._run_sync(task))
@@ -116,7 +132,8 @@ class TaskService:
             return await asyncio.wait_for(self.runner.run(task, self.worker_id), self.sync_timeout)
         except TimeoutError:
             return await self.runner.finish(
-                task.id, self.worker_id,
+                task.id,
+                self.worker_id,
                 Outcome(status="failed", failed_reason=f"timed out after {self.sync_timeout:g} s"),
             )
 
@@ -124,7 +141,12 @@ class TaskService:
         return await self.store.get_task(task_id, account.id)
 
     async def list(
-        self, account: AccountRow, *, limit: int, status: TaskStatus | None, cursor: str | None,
+        self,
+        account: AccountRow,
+        *,
+        limit: int,
+        status: TaskStatus | None,
+        cursor: str | None,
     ) -> tuple[list[TaskRow], str | None, str | None]:
         """A page of tasks, newest first, with cursors for the next (older) and previous (newer) pages."""
         after = before = None
@@ -142,7 +164,7 @@ class TaskService:
         if not rows:
             return rows, None, None
         has_older = more if before is None else True
-        has_newer = (more if before is not None else after is not None)
+        has_newer = more if before is not None else after is not None
         next_cursor = f"n:{encode_cursor(rows[-1])}" if has_older else None
         prev_cursor = f"p:{encode_cursor(rows[0])}" if has_newer else None
         return rows, next_cursor, prev_cursor

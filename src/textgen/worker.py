@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -65,11 +66,11 @@ class Worker:
                 continue
             running = asyncio.create_task(self.runner.run(task, self.worker_id), name=f"task-{task.id}")
             self._inflight[task.id] = running
-            running.add_done_callback(lambda t, tid=task.id: self._done(tid, t, slots))
+            running.add_done_callback(functools.partial(self._done, task.id, slots=slots))
         if burst and self._inflight:
             await asyncio.gather(*self._inflight.values(), return_exceptions=True)
 
-    def _done(self, task_id: str, task: asyncio.Task[TaskRow | None], slots: asyncio.Semaphore) -> None:
+    def _done(self, task_id: str, task: asyncio.Task[TaskRow | None], *, slots: asyncio.Semaphore) -> None:
         self._inflight.pop(task_id, None)
         slots.release()
         self.completed += 1

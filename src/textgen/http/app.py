@@ -26,7 +26,9 @@ log = logging.getLogger("textgen")
 
 
 def create_app(
-    settings: Settings, providers: dict[str, Provider] | ProviderFactory | None = None, *,
+    settings: Settings,
+    providers: dict[str, Provider] | ProviderFactory | None = None,
+    *,
     run_worker: bool | None = None,
 ) -> Starlette:
     """Build the app. ``providers`` replaces the default model backends (tests register fakes this way)."""
@@ -82,7 +84,12 @@ def create_app(
             Route("/docs", routes.docs, methods=["GET"]),
         ],
         middleware=[Middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)],
-        exception_handlers={TextgenError: handle, ValidationError: handle, HTTPException: handle, Exception: handle},
+        exception_handlers={
+            TextgenError: handle,
+            ValidationError: handle,
+            HTTPException: handle,
+            Exception: handle,
+        },
         lifespan=lifespan,
     )
     app.state.openapi = build_openapi()

@@ -41,8 +41,11 @@ def describe_validation(exc: ValidationError) -> str:
     # For a str-or-list field pydantic reports every branch of the union; an error about the whole
     # field is noise when another error points inside it (the branch the client actually used).
     kept = [
-        (where, msg) for where, msg in located
-        if not any(other != where and other.startswith(where) and other[len(where)] in ".[" for other, _ in located)
+        (where, msg)
+        for where, msg in located
+        if not any(
+            other != where and other.startswith(where) and other[len(where)] in ".[" for other, _ in located
+        )
     ]
     messages = list(dict.fromkeys(f"{where or 'request body'}: {msg}" for where, msg in kept))
     more = f" (and {len(messages) - 5} more)" if len(messages) > 5 else ""

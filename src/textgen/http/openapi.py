@@ -20,8 +20,15 @@ from textgen.protocol import (
 from textgen.webhooks.protocol import WebhookDelivery, WebhookDeliveryList
 
 _MODELS: list[type[BaseModel]] = [
-    TextGenRequest, StreamRequest, TextGenResponse, TaskPage, RemainingCredits, ErrorBody, ModelList,
-    WebhookDeliveryList, WebhookDelivery,
+    TextGenRequest,
+    StreamRequest,
+    TextGenResponse,
+    TaskPage,
+    RemainingCredits,
+    ErrorBody,
+    ModelList,
+    WebhookDeliveryList,
+    WebhookDelivery,
 ]
 _ERR = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
 
@@ -49,15 +56,17 @@ def build_openapi() -> dict[str, Any]:
         ref_template="#/components/schemas/{model}",
     )
     components = schema.get("$defs", {})
-    auth = [{"X-API-ID": [], "X-API-KEY": []}]
+    auth: list[dict[str, list[str]]] = [{"X-API-ID": [], "X-API-KEY": []}]
     task_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
     get_task = {
         "summary": "Get a task's status and result",
         "operationId": "text_generator_get",
         "parameters": [task_id],
         "security": auth,
-        "responses": {"200": {"description": "The task.", "content": _ref("TextGenResponse")},
-                      **_errors(401, 404, 429, 503)},
+        "responses": {
+            "200": {"description": "The task.", "content": _ref("TextGenResponse")},
+            **_errors(401, 404, 429, 503),
+        },
     }
     paths: dict[str, Any] = {
         "/sse/text_generator/": {
@@ -69,8 +78,10 @@ def build_openapi() -> dict[str, Any]:
                 "requestBody": {"required": True, "content": _ref("TextGenRequest")},
                 "security": auth,
                 "responses": {
-                    "201": {"description": "Text generation result or pending task.",
-                            "content": _ref("TextGenResponse")},
+                    "201": {
+                        "description": "Text generation result or pending task.",
+                        "content": _ref("TextGenResponse"),
+                    },
                     **_errors(400, 401, 402, 413, 429, 503),
                 },
             },
@@ -79,13 +90,22 @@ def build_openapi() -> dict[str, Any]:
                 "operationId": "text_generator_list",
                 "security": auth,
                 "parameters": [
-                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
-                    {"name": "status", "in": "query",
-                     "schema": {"type": "string", "enum": ["pending", "running", "done", "failed"]}},
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+                    },
+                    {
+                        "name": "status",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": ["pending", "running", "done", "failed"]},
+                    },
                     {"name": "cursor", "in": "query", "schema": {"type": "string"}},
                 ],
-                "responses": {"200": {"description": "A page of tasks.", "content": _ref("TaskPage")},
-                              **_errors(400, 401, 429, 503)},
+                "responses": {
+                    "200": {"description": "A page of tasks.", "content": _ref("TaskPage")},
+                    **_errors(400, 401, 429, 503),
+                },
             },
         },
         "/sse/text_generator/stream/": {
@@ -95,8 +115,10 @@ def build_openapi() -> dict[str, Any]:
                 "requestBody": {"required": True, "content": _ref("StreamRequest")},
                 "security": auth,
                 "responses": {
-                    "200": {"description": "A stream of Gemini-native GenerateContentResponse chunks.",
-                            "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                    "200": {
+                        "description": "A stream of Gemini-native GenerateContentResponse chunks.",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
                     **_errors(400, 401, 402, 413, 429, 503),
                 },
             }
@@ -109,9 +131,13 @@ def build_openapi() -> dict[str, Any]:
                 "operationId": "text_generator_webhooks",
                 "parameters": [task_id],
                 "security": auth,
-                "responses": {"200": {"description": "Deliveries, oldest first.",
-                                      "content": _ref("WebhookDeliveryList")},
-                              **_errors(401, 404, 429, 503)},
+                "responses": {
+                    "200": {
+                        "description": "Deliveries, oldest first.",
+                        "content": _ref("WebhookDeliveryList"),
+                    },
+                    **_errors(401, 404, 429, 503),
+                },
             }
         },
         "/sse/text_generator/{id}/webhooks/redeliver/": {
@@ -120,9 +146,10 @@ def build_openapi() -> dict[str, Any]:
                 "operationId": "text_generator_webhooks_redeliver",
                 "parameters": [task_id],
                 "security": auth,
-                "responses": {"201": {"description": "The queued delivery.",
-                                      "content": _ref("WebhookDelivery")},
-                              **_errors(400, 401, 404, 429, 503)},
+                "responses": {
+                    "201": {"description": "The queued delivery.", "content": _ref("WebhookDelivery")},
+                    **_errors(400, 401, 404, 429, 503),
+                },
             }
         },
         "/api/remaining_credits/": {
@@ -130,8 +157,10 @@ def build_openapi() -> dict[str, Any]:
                 "summary": "Remaining credits of the calling account",
                 "operationId": "remaining_credits",
                 "security": auth,
-                "responses": {"200": {"description": "Balance.", "content": _ref("RemainingCredits")},
-                              **_errors(401, 429, 503)},
+                "responses": {
+                    "200": {"description": "Balance.", "content": _ref("RemainingCredits")},
+                    **_errors(401, 429, 503),
+                },
             }
         },
         "/sse/models/": {
@@ -139,19 +168,34 @@ def build_openapi() -> dict[str, Any]:
                 "summary": "Models this server can serve",
                 "operationId": "models_list",
                 "security": auth,
-                "responses": {"200": {"description": "Models.", "content": _ref("ModelList")},
-                              **_errors(401, 429)},
+                "responses": {
+                    "200": {"description": "Models.", "content": _ref("ModelList")},
+                    **_errors(401, 429),
+                },
             }
         },
-        "/healthz": {"get": {"summary": "Process is up", "operationId": "healthz",
-                             "responses": {"200": {"description": "ok"}}}},
-        "/readyz": {"get": {"summary": "Database reachable and models usable", "operationId": "readyz",
-                            "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
+        "/healthz": {
+            "get": {
+                "summary": "Process is up",
+                "operationId": "healthz",
+                "responses": {"200": {"description": "ok"}},
+            }
+        },
+        "/readyz": {
+            "get": {
+                "summary": "Database reachable and models usable",
+                "operationId": "readyz",
+                "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}},
+            }
+        },
     }
     return {
         "openapi": "3.0.3",
-        "info": {"title": "textgen", "version": __version__,
-                 "description": "Self-hosted implementation of the Creatify Text Generator API."},
+        "info": {
+            "title": "textgen",
+            "version": __version__,
+            "description": "Self-hosted implementation of the Creatify Text Generator API.",
+        },
         "paths": paths,
         "components": {
             "schemas": components,
@@ -186,10 +230,13 @@ def docs_html(spec: dict[str, Any]) -> str:
         "pre{background:#f6f6f6;padding:8px;overflow:auto}</style></head><body>"
         f"<h1>textgen API {escape(spec['info']['version'])}</h1>"
         "<p>Authenticate every call with the <code>X-API-ID</code> and <code>X-API-KEY</code> headers. "
-        "Errors are JSON: <code>{\"error\": \"...\"}</code>. Machine-readable: "
+        'Errors are JSON: <code>{"error": "..."}</code>. Machine-readable: '
         "<a href='/openapi.json'>/openapi.json</a>.</p>"
         "<table><tr><th>Method</th><th>Path</th><th>What</th><th>Statuses</th></tr>"
-        + "".join(rows) + "</table><h2>Schemas</h2>" + schemas + "</body></html>"
+        + "".join(rows)
+        + "</table><h2>Schemas</h2>"
+        + schemas
+        + "</body></html>"
     )
 
 

@@ -105,7 +105,9 @@ async def list_tasks(request: Request) -> Response:
 async def remaining_credits(request: Request) -> Response:
     account, quota = await authorize(request)
     fresh = await services(request).store.account_by_id(account.id)
-    return json_response(RemainingCredits(remaining_credits=from_micro(fresh.balance)).model_dump(), 200, quota)
+    return json_response(
+        RemainingCredits(remaining_credits=from_micro(fresh.balance)).model_dump(), 200, quota
+    )
 
 
 async def list_models(request: Request) -> Response:
@@ -116,9 +118,13 @@ async def list_models(request: Request) -> Response:
         provider = registry.providers.get(spec.provider)
         results.append(
             ModelInfo(
-                name=spec.name, provider=spec.provider, available=bool(provider and provider.available()),
-                capabilities=sorted(spec.capabilities), input_price_per_million_usd=spec.input_price,
-                output_price_per_million_usd=spec.output_price, max_output_tokens=spec.max_output_tokens,
+                name=spec.name,
+                provider=spec.provider,
+                available=bool(provider and provider.available()),
+                capabilities=sorted(spec.capabilities),
+                input_price_per_million_usd=spec.input_price,
+                output_price_per_million_usd=spec.output_price,
+                max_output_tokens=spec.max_output_tokens,
             )
         )
     return json_response(ModelList(results=results).model_dump(), 200, quota)
@@ -145,7 +151,9 @@ async def readyz(request: Request) -> Response:
     if svc.limiter.degraded_reason:
         checks["rate_limits_error"] = svc.limiter.degraded_reason
     body = {"status": "ready" if ready else "not ready", "checks": checks}
-    return JSONResponse(body, status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "5"})
+    return JSONResponse(
+        body, status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "5"}
+    )
 
 
 async def openapi(request: Request) -> Response:
