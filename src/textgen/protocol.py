@@ -170,7 +170,7 @@ class GenerationInput(_Strict):
     model_name: str = Field(max_length=255, description="Name of the model (e.g. gemini-2.5-flash).")
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     system_instruction: str = ""
-    config: TextGenConfig = Field(default_factory=lambda: TextGenConfig())
+    config: TextGenConfig = Field(default_factory=TextGenConfig)
     tools: list[Tool] = Field(default_factory=list)
     tool_config: ToolConfig | None = None
 
