@@ -375,7 +375,7 @@ async def test_a_hanging_receiver_times_out_and_blocks_nothing(tmp_path: Path, m
     release = asyncio.Event()
     slow = Receiver(default=Answer(200, hang=release))
     fast = Receiver()
-    settings = settings_for(tmp_path, models_file, schedule="0,0.05", webhook_timeout_seconds=1.5)
+    settings = settings_for(tmp_path, models_file, schedule="0,0.05", webhook_timeout_seconds=2)
     try:
         async with (
             serve_receiver(slow) as slow_url,
@@ -392,10 +392,11 @@ async def test_a_hanging_receiver_times_out_and_blocks_nothing(tmp_path: Path, m
                 "attempt_count"
             ] == 1
             assert len(slow.seen) == 1
+            assert (await deliveries(server, account, stuck["id"]))[0]["attempts"] == []  # still in flight
             delivery = await wait_delivery(server, account, stuck["id"], status="failed")
             assert [a["error"] for a in delivery["attempts"]] == [
-                "timed out after 1.5 s",
-                "timed out after 1.5 s; gave up after 2 attempts",
+                "timed out after 2 s",
+                "timed out after 2 s; gave up after 2 attempts",
             ]
     finally:
         release.set()
