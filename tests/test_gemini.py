@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]
 import pytest
 
 from tests.conftest import Server, free_socket, make_settings, run_server, serve_app
@@ -287,7 +287,7 @@ async def test_function_calling_round_trip_keeps_the_thought_signature(tmp_path:
         ]
         assert sent["toolConfig"] == {"functionCallingConfig": {"mode": "AUTO"}}
 
-        follow_up = {
+        follow_up: dict[str, Any] = {
             "model_name": "gemini-3-flash-preview",
             "messages": [
                 question,
@@ -364,7 +364,7 @@ async def test_guide_function_response_follow_up(tmp_path: Path) -> None:
 
 
 async def test_tool_config_modes_and_allowed_names_reach_gemini(tmp_path: Path) -> None:
-    tools = [
+    tools: list[dict[str, Any]] = [
         {
             "function_declarations": [
                 {
@@ -379,7 +379,7 @@ async def test_tool_config_modes_and_allowed_names_reach_gemini(tmp_path: Path) 
     question = [{"role": "user", "content": "What time is it?"}]
     async with fake_gemini() as (fake, url), gemini_service(tmp_path, url) as server:
         account = await server.account()
-        for fcc, expected in [
+        modes: list[tuple[dict[str, Any], dict[str, Any]]] = [
             (
                 {"mode": "VALIDATED", "allowed_function_names": ["get_time"]},
                 {"mode": "VALIDATED", "allowedFunctionNames": ["get_time"]},
@@ -389,7 +389,8 @@ async def test_tool_config_modes_and_allowed_names_reach_gemini(tmp_path: Path) 
                 {"mode": "ANY", "allowedFunctionNames": ["get_news", "get_time"]},
             ),
             ({"mode": "NONE"}, {"mode": "NONE"}),
-        ]:
+        ]
+        for fcc, expected in modes:
             task = await create(
                 server,
                 account,

@@ -13,7 +13,7 @@ import functools
 import io
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import httpx2
@@ -75,7 +75,7 @@ class GeminiProvider:
             )
             return mapping.to_generation(response)
 
-    async def stream(self, spec: ModelSpec, request: GenerationInput) -> AsyncIterator[StreamChunk]:
+    async def stream(self, spec: ModelSpec, request: GenerationInput) -> AsyncGenerator[StreamChunk, None]:
         client = self.client
         async with self._uploaded_media(request) as files:
             contents = mapping.build_contents(request, files)
