@@ -14,13 +14,13 @@ import httpx
 import pytest
 import uvicorn
 
+from tests.fakes.providers import FAKE_MODELS_TOML
 from textgen.accounts import create_account
 from textgen.http.app import create_app
 from textgen.providers import Provider
 from textgen.services import Services
 from textgen.settings import Settings, load_settings
 from textgen.storage.migrate import upgrade
-from tests.fakes.providers import FAKE_MODELS_TOML
 
 
 @pytest.fixture
@@ -76,11 +76,16 @@ class Server:
         created = await create_account(self.services.store, name, credits, rate_limit)
         return Account(created.account.api_id, created.api_key, created.account.id)
 
-    async def wait_for(self, account: Account, task_id: str, statuses: tuple[str, ...] = ("done", "failed"),
-                       timeout: float = 60.0) -> dict[str, Any]:
+    async def wait_for(
+        self,
+        account: Account,
+        task_id: str,
+        statuses: tuple[str, ...] = ("done", "failed"),
+        within: float = 60.0,
+    ) -> dict[str, Any]:
         """Poll the task over HTTP until it reaches one of ``statuses``."""
         async with self.client(account) as client:
-            deadline = asyncio.get_running_loop().time() + timeout
+            deadline = asyncio.get_running_loop().time() + within
             while True:
                 body: dict[str, Any] = (await client.get(f"/sse/text_generator/{task_id}/")).json()
                 if body["status"] in statuses:
@@ -102,7 +107,9 @@ async def serve_app(app: Any) -> AsyncIterator[str]:
     """Serve an ASGI app with uvicorn on a free loopback port, inside the running event loop."""
     sock = free_socket()
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5))
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+    )
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         if task.done():
@@ -119,7 +126,10 @@ async def serve_app(app: Any) -> AsyncIterator[str]:
 
 @asynccontextmanager
 async def run_server(
-    settings: Settings, providers: dict[str, Provider] | None = None, *, run_worker: bool | None = None,
+    settings: Settings,
+    providers: dict[str, Provider] | None = None,
+    *,
+    run_worker: bool | None = None,
 ) -> AsyncIterator[Server]:
     await asyncio.to_thread(upgrade, settings)
     app = create_app(settings, providers, run_worker=run_worker)

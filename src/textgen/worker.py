@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -22,7 +23,13 @@ def new_worker_id(kind: str = "w") -> str:
 
 class Worker:
     def __init__(
-        self, store: Store, runner: Runner, *, worker_id: str, concurrency: int, poll_seconds: float,
+        self,
+        store: Store,
+        runner: Runner,
+        *,
+        worker_id: str,
+        concurrency: int,
+        poll_seconds: float,
         lease_seconds: float,
     ) -> None:
         self.store = store
@@ -79,20 +86,18 @@ class Worker:
         self._wake.set()
 
     async def _sleep(self) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
-        except TimeoutError:
-            pass
         self._wake.clear()
 
-    async def stop(self, timeout: float) -> None:
-        """Stop claiming; let in-flight tasks finish within ``timeout``, then give the rest back."""
+    async def stop(self, grace_seconds: float) -> None:
+        """Stop claiming; let in-flight tasks finish within ``grace_seconds``, then give the rest back."""
         self._stopping = True
         self._wake.set()
         if not self._inflight:
             return
         pending = list(self._inflight.items())
-        _, still = await asyncio.wait([t for _, t in pending], timeout=timeout)
+        _, still = await asyncio.wait([t for _, t in pending], timeout=grace_seconds)
         for task_id, task in pending:
             if task in still:
                 task.cancel()
