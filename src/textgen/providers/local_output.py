@@ -175,13 +175,26 @@ def tools_section(request: GenerationInput) -> str:
         )
     return (
         f"You have tools. {rule}\nTools:\n{listed}\n"
-        "When a tool result is given to you, answer the user's question with it in one plain sentence."
+        "Keep argument values short. When a tool result is given to you, answer the user's question with it "
+        "in one plain sentence."
     )
+
+
+def json_section(request: GenerationInput) -> str:
+    """Tells the model the shape the grammar will hold it to, so its content fits the fields."""
+    cfg = request.config
+    if cfg.response_mime_type != "application/json":
+        return ""
+    if cfg.response_json_schema is None:
+        return "Reply with JSON only."
+    return f"Reply with JSON only, matching this JSON Schema; keep strings short:\n{_compact(cfg.response_json_schema)}"
 
 
 def render_messages(request: GenerationInput) -> list[dict[str, str]]:
     """The API's messages as chat-template messages (system/user/assistant), calls in the call format."""
-    system = "\n\n".join(s for s in (request.system_instruction, tools_section(request)) if s)
+    system = "\n\n".join(
+        s for s in (request.system_instruction, json_section(request), tools_section(request)) if s
+    )
     out: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     for message in request.messages:
         role = "assistant" if message.role is Role.model else "user"

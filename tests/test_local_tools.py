@@ -1,0 +1,204 @@
+"""Function calling on the embedded model: declarations in the prompt, calls forced valid by a grammar."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from tests.conftest import make_settings, run_server
+
+MODEL = "smollm2-135m-instruct"
+WEATHER = {
+    "name": "get_weather",
+    "description": "Get the current weather for a given location.",
+    "parameters": {
+        "type": "object",
+        "properties": {"location": {"type": "string", "description": "City name"}},
+        "required": ["location"],
+    },
+}
+TIME = {
+    "name": "get_time",
+    "description": "Get the current time in a time zone.",
+    "parameters": {
+        "type": "object",
+        "properties": {
+            "zone": {"type": "string", "enum": ["UTC", "PST", "CET"]},
+            "format": {"type": "string", "enum": ["12h", "24h"]},
+        },
+        "required": ["zone", "format"],
+    },
+}
+CONVERT = {
+    "name": "convert",
+    "description": "Convert an amount between currencies.",
+    "parameters": {
+        "type": "OBJECT",
+        "properties": {"amount": {"type": "NUMBER", "minimum": 0}, "to": {"type": "STRING"}},
+        "required": ["amount", "to"],
+    },
+}
+SCHEMAS = {f["name"]: f["parameters"] for f in (WEATHER, TIME)}
+
+
+def request(
+    content: str, tools: list[dict[str, Any]], mode: str | None = None, **config: Any
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model_name": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "tools": [{"function_declarations": tools}],
+        "config": {"max_output_tokens": 40, **config},
+        "sync": True,
+    }
+    if mode is not None:
+        body["tool_config"] = {"function_calling_config": {"mode": mode}}
+    return body
+
+
+async def test_any_with_one_function_always_returns_a_valid_call(tmp_path: Path) -> None:
+    async with run_server(make_settings(tmp_path, local_model_instances=1)) as server:
+        account = await server.account()
+        async with server.client(account) as client:
+            for seed, question in enumerate(["What is the weather in Paris?", "Tell me a joke.", "Hello"]):
+                body = request(question, [WEATHER], "ANY", temperature=1.0, seed=seed)
+                task = (await client.post("/sse/text_generator/", json=body)).json()
+                assert task["status"] == "done", (task["failed_reason"], task["response_text"])
+                assert task["response_text"] == ""
+                [call] = task["response_function_calls"]
+                assert call["name"] == "get_weather"
+                jsonschema.validate(call["args"], WEATHER["parameters"])
+
+
+async def test_any_with_several_allowed_functions(tmp_path: Path) -> None:
+    async with run_server(make_settings(tmp_path, local_model_instances=1)) as server:
+        account = await server.account()
+        async with server.client(account) as client:
+            seen = set()
+            for seed in range(4):
+                body = request(
+                    "What time is it in Berlin?", [WEATHER, TIME, CONVERT], "ANY", temperature=1.0, seed=seed
+                )
+                body["tool_config"]["function_calling_config"]["allowed_function_names"] = [
+                    "get_weather",
+                    "get_time",
+                ]
+                task = (await client.post("/sse/text_generator/", json=body)).json()
+                assert task["status"] == "done", (task["failed_reason"], task["response_text"])
+                [call] = task["response_function_calls"]
+                assert call["name"] in SCHEMAS
+                jsonschema.validate(call["args"], SCHEMAS[call["name"]])
+                seen.add(call["name"])
+            # OpenAPI-style upper-case types in a declaration are accepted too.
+            body = request("Convert 5 dollars to euros.", [CONVERT], "ANY", temperature=0)
+            task = (await client.post("/sse/text_generator/", json=body)).json()
+            [call] = task["response_function_calls"]
+            assert (
+                call["name"] == "convert"
+                and call["args"]["amount"] >= 0
+                and isinstance(call["args"]["to"], str)
+            )
+            assert seen
+
+
+async def test_guide_weather_round_trip(tmp_path: Path) -> None:
+    async with run_server(make_settings(tmp_path, local_model_instances=1)) as server:
+        account = await server.account()
+        async with server.client(account) as client:
+            question = "What is the weather in San Francisco?"
+            # The first turn forces the call (a 135M model rarely chooses one by itself under AUTO).
+            first = (
+                await client.post(
+                    "/sse/text_generator/", json=request(question, [WEATHER], "ANY", temperature=0)
+                )
+            ).json()
+            assert first["status"] == "done", first
+            [call] = first["response_function_calls"]
+            assert call["name"] == "get_weather" and isinstance(call["args"]["location"], str)
+            follow_up = {
+                "model_name": MODEL,
+                "messages": [
+                    {"role": "user", "content": question},
+                    {"role": "model", "function_call": call},
+                    {
+                        "role": "user",
+                        "function_response": {
+                            "name": "get_weather",
+                            "response": {"temperature": 62, "condition": "Foggy"},
+                        },
+                    },
+                ],
+                "tools": [{"function_declarations": [WEATHER]}],
+                "config": {"max_output_tokens": 40, "temperature": 0},
+                "sync": True,
+            }
+            second = (await client.post("/sse/text_generator/", json=follow_up)).json()
+            assert second["status"] == "done", second
+            assert second["response_function_calls"] == []
+            assert second["response_text"].strip()
+            assert "<tool_call>" not in second["response_text"]
+            assert second["input_tokens"] > first["input_tokens"]
+
+
+async def test_auto_answers_text_or_a_valid_call_and_none_never_calls(tmp_path: Path) -> None:
+    async with run_server(make_settings(tmp_path, local_model_instances=1)) as server:
+        account = await server.account()
+        async with server.client(account) as client:
+            for mode in ("AUTO", "VALIDATED"):
+                for seed in range(2):
+                    body = request(
+                        "What is the weather in Rome?", [WEATHER], mode, temperature=1.0, seed=seed
+                    )
+                    task = (await client.post("/sse/text_generator/", json=body)).json()
+                    assert task["status"] == "done", (task["failed_reason"], task["response_text"])
+                    if task["response_function_calls"]:
+                        [call] = task["response_function_calls"]
+                        jsonschema.validate(call["args"], WEATHER["parameters"])
+                        assert task["response_text"] == ""
+                    else:
+                        assert task["response_text"] and not task["response_text"].startswith("<")
+            for seed in range(3):
+                body = request("Call get_weather for Oslo.", [WEATHER], "NONE", temperature=1.0, seed=seed)
+                task = (await client.post("/sse/text_generator/", json=body)).json()
+                assert task["status"] == "done", (task["failed_reason"], task["response_text"])
+                assert task["response_function_calls"] == []
+                assert task["response_text"]
+
+
+async def test_auto_with_a_json_schema_gives_valid_json_or_a_call(tmp_path: Path) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    async with run_server(make_settings(tmp_path, local_model_instances=1)) as server:
+        account = await server.account()
+        async with server.client(account) as client:
+            body = request(
+                "Which city is foggy?",
+                [WEATHER],
+                "AUTO",
+                temperature=0.7,
+                seed=3,
+                response_json_schema=schema,
+            )
+            body["config"]["max_output_tokens"] = 120
+            task = (await client.post("/sse/text_generator/", json=body)).json()
+            assert task["status"] == "done", (task["failed_reason"], task["response_text"])
+            if not task["response_function_calls"]:
+                jsonschema.validate(json.loads(task["response_text"]), schema)
+
+
+async def test_unusable_parameter_schema_is_a_400(tmp_path: Path) -> None:
+    bad = {**WEATHER, "parameters": {"type": "object", "properties": {"x": {"$ref": "#/nowhere"}}}}
+    async with run_server(make_settings(tmp_path, local_model_instances=1)) as server:
+        account = await server.account()
+        async with server.client(account) as client:
+            response = await client.post("/sse/text_generator/", json=request("hi", [bad], "ANY"))
+            assert response.status_code == 400
+            assert "tools.function_declarations[0].parameters" in response.json()["error"]
+            response = await client.post(
+                "/sse/text_generator/",
+                json=request("hi", [{**WEATHER, "parameters": {"type": "string"}}], "ANY"),
+            )
+            assert response.status_code == 400
+            assert "object schema" in response.json()["error"]
