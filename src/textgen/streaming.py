@@ -19,6 +19,7 @@ from textgen.catalog import from_micro
 from textgen.errors import StorageUnavailable, TextgenError, UpstreamError
 from textgen.protocol import StreamRequest
 from textgen.providers import FunctionCall, Generation, StreamChunk
+from textgen.providers.base import current_account
 from textgen.storage.store import AccountRow, Outcome, TaskRow
 from textgen.tasks import TaskService
 from textgen.timing import add_upstream
@@ -118,6 +119,7 @@ class StreamSession:
             lease_owner=service.worker_id,
             lease_seconds=service.lease_seconds,
         )
+        current_account.set(str(account.id))  # fair queueing across accounts on the local model
         chunks = provider.stream(spec, request).__aiter__()
         started = time.perf_counter()
         try:
