@@ -186,10 +186,10 @@ async def test_client_disconnect_stops_the_local_model(tmp_path: Path) -> None:
         assert abs(await balance(server, account) - (10 - task["credits_used"])) < 1e-9
         # The generation thread stops and returns its model instance to the pool ...
         for _ in range(100):
-            if provider._pool.qsize() == len(provider._engines):
+            if len(provider.pool.free) == len(provider.engines):
                 break
             await asyncio.sleep(0.05)
-        assert provider._pool.qsize() == len(provider._engines)
+        assert len(provider.pool.free) == len(provider.engines)
         # ... and the process no longer burns CPU on it.
         idle_start = resource.getrusage(resource.RUSAGE_SELF)
         await asyncio.sleep(1.0)
