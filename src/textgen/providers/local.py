@@ -443,10 +443,10 @@ class LocalProvider:
                     return
         finally:
             cancel.set()
-            # The instance goes back to the pool only once its thread has stopped using it.
-            with contextlib.suppress(Exception):
-                await asyncio.shield(thread)
-            self.pool.release(engine)
+            # The instance goes back to the pool only once its thread has stopped using it. A callback,
+            # not an await: inside a cancelled (anyio) scope every await here would be cancelled again,
+            # and the instance would never come back.
+            thread.add_done_callback(lambda _: self.pool.release(engine))
 
     async def aclose(self) -> None:
         for engine in self._engines:
