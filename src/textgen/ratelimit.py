@@ -42,7 +42,10 @@ class RateLimiter:
             uri = redis_url.replace("redis://", "async+redis://", 1).replace(
                 "rediss://", "async+rediss://", 1
             )
-            storage = storage_from_string(uri, socket_timeout=0.5, socket_connect_timeout=0.5)
+            # redis-py is the installed client; limits defaults to coredis, which is not a dependency.
+            storage = storage_from_string(
+                uri, implementation="redispy", socket_timeout=0.5, socket_connect_timeout=0.5
+            )
             assert isinstance(storage, Storage)
             self._shared = MovingWindowRateLimiter(storage)
 
