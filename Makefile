@@ -34,7 +34,8 @@ pytest: install services
 test: lint typecheck pytest
 
 bench: install services
-	$(BIN)/python -m bench
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

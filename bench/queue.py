@@ -1,0 +1,152 @@
+"""Async queue: tasks/s from create to ``done`` and to webhook delivered, with 1, 2 and 4 worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import sqlalchemy as sa
+
+from bench.procs import LOOPBACK
+from bench.stack import Textgen, textgen_body
+
+
+class WebhookReceiver:
+    """A minimal keep-alive HTTP server that answers 200 and notes when each task's webhook arrived."""
+
+    def __init__(self) -> None:
+        self.arrivals: dict[str, float] = {}
+        self.server: asyncio.Server | None = None
+        self.changed = asyncio.Event()
+        self.handlers: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> WebhookReceiver:
+        self.server = await asyncio.start_server(self._serve, LOOPBACK, 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for handler in self.handlers:
+            handler.cancel()
+        await asyncio.gather(*self.handlers, return_exceptions=True)
+        await self.server.wait_closed()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://{LOOPBACK}:{port}/hook"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.handlers.add(task)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                body = await reader.readexactly(length)
+                task_id = json.loads(body).get("id", "")
+                self.arrivals.setdefault(task_id, time.time())
+                self.changed.set()
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+            pass
+        finally:
+            self.handlers.discard(task)
+            writer.close()
+
+    async def wait_for(self, count: int, within: float) -> bool:
+        deadline = time.monotonic() + within
+        while len(self.arrivals) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), min(remaining, 1.0))
+        return True
+
+
+@dataclass
+class QueueRun:
+    backend: str
+    workers: int
+    tasks: int
+    create_per_second: float
+    done_per_second: float
+    delivered_per_second: float
+    errors: int
+
+
+async def _done_times(server: Textgen) -> list[dt.datetime]:
+    from textgen.settings import load_settings
+    from textgen.storage.engine import create_engine
+    from textgen.storage.tables import tasks
+
+    engine = create_engine(load_settings(database_url=server.env["TEXTGEN_DATABASE_URL"]))
+    try:
+        async with engine.connect() as conn:
+            rows = await conn.execute(sa.select(tasks.c.updated_at).where(tasks.c.status == "done"))
+            return [row[0] for row in rows]
+    finally:
+        await engine.dispose()
+
+
+async def run_queue(
+    server: Textgen, tasks: int, *, create_concurrency: int = 32, within: float = 300
+) -> QueueRun:
+    """Create ``tasks`` async tasks with a webhook each, as fast as the API takes them, and time the drain."""
+    errors = 0
+    async with WebhookReceiver() as receiver:
+        payload = json.dumps(textgen_body(webhook_url=receiver.url)).encode()
+        headers = {"content-type": "application/json", **server.headers}
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(tasks):
+            queue.put_nowait(i)
+        limits = httpx.Limits(max_connections=create_concurrency)
+        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as client:
+
+            async def creator() -> None:
+                nonlocal errors
+                while not queue.empty():
+                    queue.get_nowait()
+                    response = await client.post("/sse/text_generator/", content=payload, headers=headers)
+                    if response.status_code != 201:
+                        errors += 1
+
+            started = time.time()
+            await asyncio.gather(*(creator() for _ in range(create_concurrency)))
+            created = time.time()
+            if not await receiver.wait_for(tasks - errors, within):
+                errors += tasks - errors - len(receiver.arrivals)
+    done = await _done_times(server)
+    if len(done) < tasks:
+        errors = max(errors, tasks - len(done))
+    last_done = max(d.timestamp() for d in done) if done else started
+    last_hook = max(receiver.arrivals.values()) if receiver.arrivals else started
+    return QueueRun(
+        backend=server.backend,
+        workers=len(server.workers),
+        tasks=tasks,
+        create_per_second=tasks / (created - started),
+        done_per_second=len(done) / max(last_done - started, 1e-6),
+        delivered_per_second=len(receiver.arrivals) / max(last_hook - started, 1e-6),
+        errors=errors,
+    )
+
+
+def summary(run: QueueRun) -> dict[str, Any]:
+    return run.__dict__

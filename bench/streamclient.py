@@ -1,0 +1,99 @@
+"""A lean SSE load client on raw asyncio sockets, run as its own process so its CPU is not the server's.
+
+``python -m bench.streamclient SPEC_JSON`` prints one JSON line: per-stream time to first chunk and the gaps
+between chunks (ms), and errors. SPEC: url, body, headers, streams, ramp_seconds, sequential.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import resource
+import sys
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+MARK = b"data:"
+
+
+async def one_stream(
+    host: str, port: int, path: str, payload: bytes, headers: dict[str, str]
+) -> dict[str, Any]:
+    head = [
+        f"POST {path} HTTP/1.1",
+        f"Host: {host}:{port}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(payload)}",
+        "Accept: text/event-stream",
+        "Connection: close",
+    ]
+    head += [f"{k}: {v}" for k, v in headers.items()]
+    started = time.perf_counter()
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + payload)
+        await writer.drain()
+        status_line = await reader.readline()
+        status = int(status_line.split()[1]) if status_line else 0
+        arrivals: list[float] = []
+        tail = b""
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            now = time.perf_counter()
+            window = tail + data
+            count = window.count(MARK) - tail.count(MARK)
+            arrivals.extend([now] * count)
+            tail = window[-(len(MARK) - 1) :]
+    finally:
+        writer.close()
+    if status != 200 or not arrivals:
+        return {"error": f"status {status}, {len(arrivals)} chunks"}
+    ttfc = (arrivals[0] - started) * 1000
+    gaps = [(b - a) * 1000 for a, b in itertools.pairwise(arrivals)]
+    return {"ttfc": ttfc, "gaps": gaps, "chunks": len(arrivals)}
+
+
+async def run(spec: dict[str, Any]) -> dict[str, Any]:
+    url = urlsplit(spec["url"])
+    path = url.path + (f"?{url.query}" if url.query else "")
+    payload = json.dumps(spec["body"]).encode()
+    host, port = url.hostname or "127.0.0.1", url.port or 80
+    results: list[dict[str, Any]] = []
+
+    async def guarded(delay: float) -> None:
+        await asyncio.sleep(delay)
+        try:
+            results.append(await one_stream(host, port, path, payload, spec["headers"]))
+        except OSError as exc:
+            results.append({"error": repr(exc)})
+
+    if spec.get("sequential"):
+        for _ in range(spec["streams"]):
+            await guarded(0)
+    else:
+        n, ramp = spec["streams"], spec.get("ramp_seconds", 1.0)
+        await asyncio.gather(*(guarded(ramp * i / n) for i in range(n)))
+    ok = [r for r in results if "error" not in r]
+    errors = [r["error"] for r in results if "error" in r]
+    return {
+        "ttfc": [r["ttfc"] for r in ok],
+        "gaps": [g for r in ok for g in r["gaps"]],
+        "chunks": [r["chunks"] for r in ok],
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+    }
+
+
+def main() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    spec = json.loads(sys.argv[1])
+    print(json.dumps(asyncio.run(run(spec))))
+
+
+if __name__ == "__main__":
+    main()
