@@ -443,10 +443,15 @@ class LocalProvider:
                     return
         finally:
             cancel.set()
-            # The instance goes back to the pool only once its thread has stopped using it. A callback,
-            # not an await: inside a cancelled (anyio) scope every await here would be cancelled again,
-            # and the instance would never come back.
-            thread.add_done_callback(lambda _: self.pool.release(engine))
+            # The instance goes back to the pool only once its thread has stopped using it (at most one more
+            # token). Inside a cancelled (anyio) scope that await is cancelled again; the thread's completion
+            # callback then returns the instance, so it is never lost.
+            try:
+                await asyncio.shield(thread)
+            except BaseException:
+                thread.add_done_callback(lambda _: self.pool.release(engine))
+                raise
+            self.pool.release(engine)
 
     async def aclose(self) -> None:
         for engine in self._engines:
