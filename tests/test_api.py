@@ -332,6 +332,9 @@ async def test_every_error_has_the_one_shape(settings: Settings) -> None:
                 await client.post(CREATE, json=body(model_name="nope")),
                 await client.get(CREATE, params={"limit": -1}),
                 await client.post("/sse/text_generator/stream/", json=body(sync=True)),
+                await client.get("/sse/text_generator/missing/webhooks/"),
+                await client.post("/sse/text_generator/missing/webhooks/redeliver/"),
+                await anonymous.get("/sse/models/"),
             ]
         for response in responses:
             assert response.status_code in (400, 401, 404, 405), response.text
