@@ -24,7 +24,7 @@ class WebhookReceiver:
         self.arrivals: dict[str, float] = {}
         self.server: asyncio.Server | None = None
         self.changed = asyncio.Event()
-        self.handlers: set[asyncio.Task[None]] = set()
+        self.writers: set[asyncio.StreamWriter] = set()
 
     async def __aenter__(self) -> WebhookReceiver:
         self.server = await asyncio.start_server(self._serve, LOOPBACK, 0)
@@ -33,9 +33,8 @@ class WebhookReceiver:
     async def __aexit__(self, *exc: object) -> None:
         assert self.server is not None
         self.server.close()
-        for handler in self.handlers:
-            handler.cancel()
-        await asyncio.gather(*self.handlers, return_exceptions=True)
+        for writer in self.writers:  # idle keep-alive connections end with an IncompleteReadError
+            writer.close()
         await self.server.wait_closed()
 
     @property
@@ -45,9 +44,7 @@ class WebhookReceiver:
         return f"http://{LOOPBACK}:{port}/hook"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self.handlers.add(task)
+        self.writers.add(writer)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -65,7 +62,7 @@ class WebhookReceiver:
         except (asyncio.IncompleteReadError, ConnectionError, ValueError):
             pass
         finally:
-            self.handlers.discard(task)
+            self.writers.discard(writer)
             writer.close()
 
     async def wait_for(self, count: int, within: float) -> bool:
