@@ -31,6 +31,22 @@ _MODELS: list[type[BaseModel]] = [
     WebhookDelivery,
 ]
 _ERR = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+# Before OpenAPI 3.2 (``itemSchema``) the schema of an event stream describes one event.
+_SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "event": {
+            "type": "string",
+            "enum": ["message", "error"],
+            "description": "`message` (the default) carries a chunk; `error` ends the stream.",
+        },
+        "data": {
+            "type": "string",
+            "description": 'JSON: a GenerateContentResponse chunk, or `{"error": {"code", "message"}}` for an error event.',
+        },
+    },
+}
 
 
 def _ref(name: str) -> dict[str, Any]:
@@ -117,7 +133,7 @@ def build_openapi() -> dict[str, Any]:
                 "responses": {
                     "200": {
                         "description": "A stream of Gemini-native GenerateContentResponse chunks.",
-                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        "content": {"text/event-stream": {"schema": _SSE_EVENT}},
                     },
                     **_errors(400, 401, 402, 413, 429, 503),
                 },

@@ -82,7 +82,7 @@ async def list_tasks(request: Request) -> Response:
         raise BadRequest(f"limit: must be between 1 and {max_limit}")
     status_value = query.get("status")
     try:
-        status = TaskStatus(status_value) if status_value else None
+        status = TaskStatus(status_value) if status_value is not None else None
     except ValueError:
         raise BadRequest("status: must be one of pending, running, done, failed") from None
     rows, next_cursor, prev_cursor = await svc.tasks.list(
