@@ -3,17 +3,35 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from textgen import media
 
 MAX_MESSAGES = 10_000
 MAX_URL_LENGTH = 2048
 FUNCTION_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$"
+
+
+def _finite(value: Any) -> Any:
+    """Refuse NaN and infinities anywhere in a free-form value: JSON has no such numbers."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError("numbers must be finite (NaN and Infinity are not JSON)")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return value
+
+
+JsonObject = Annotated[dict[str, Any], AfterValidator(_finite)]
 
 
 class _Strict(BaseModel):
@@ -89,7 +107,7 @@ class FunctionResponsePart(_Strict):
     """A function response supplied by the caller."""
 
     name: str = Field(max_length=64)
-    response: dict[str, Any]
+    response: JsonObject
     id: str | None = Field(None, max_length=256)
 
 
@@ -103,6 +121,8 @@ class Message(_Strict):
     def _roles_and_parts(self) -> Message:
         if self.function_call is not None and self.role is not Role.model:
             raise ValueError("function_call is only allowed on messages with role 'model'")
+        if self.function_call is not None:
+            _finite(self.function_call.args)
         if self.function_response is not None and self.role is not Role.user:
             raise ValueError("function_response is only allowed on messages with role 'user'")
         if self.content in ("", []) and self.function_call is None and self.function_response is None:
@@ -132,7 +152,7 @@ class TextGenConfig(_Strict):
     seed: int | None = Field(None, ge=-(2**31), le=2**31 - 1)
     stop_sequences: list[Annotated[str, Field(min_length=1)]] | None = Field(None, max_length=16)
     response_mime_type: ResponseMimeType | None = None
-    response_json_schema: dict[str, Any] | bool | None = None
+    response_json_schema: JsonObject | bool | None = None
 
     @model_validator(mode="after")
     def _json_schema_implies_json(self) -> TextGenConfig:
@@ -148,7 +168,7 @@ class FunctionDeclaration(_Strict):
 
     name: str = Field(pattern=FUNCTION_NAME_PATTERN)
     description: str = ""
-    parameters: dict[str, Any] | None = None
+    parameters: JsonObject | None = None
 
 
 class Tool(_Strict):
@@ -238,6 +258,10 @@ class TextGenRequest(GenerationInput):
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an absolute http(s) URL")
+        try:
+            parts.port  # noqa: B018 (raises for a port out of range)
+        except ValueError:
+            raise ValueError("has an invalid port") from None
         if parts.username is not None or parts.password is not None:
             raise ValueError("must not carry credentials")
         return value

@@ -107,6 +107,7 @@ class Fault:
     finish_reason: str | None = None  # finish the (only) candidate with this reason
     error_after_chunks: int | None = None  # streaming: send this many chunks, then an error event
     drop_after_chunks: int | None = None  # streaming: send this many chunks, then cut the connection
+    garbage: bytes | None = None  # answer 200 with this body (not JSON) instead of a response
 
 
 @dataclass
@@ -231,6 +232,8 @@ class FakeGemini:
             headers = {"Retry-After": fault.retry_after} if fault.retry_after else None
             message = fault.message or f"fake failure {fault.status}"
             return JSONResponse(error_body(fault.status, message, details), fault.status, headers)
+        if fault.garbage is not None:
+            return Response(fault.garbage, media_type="text/event-stream" if stream else "application/json")
         try:
             response = self._answer(model, body, received, fault)
         except _Invalid as exc:

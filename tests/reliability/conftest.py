@@ -50,10 +50,14 @@ def providers(settings: Settings) -> dict[str, Any]:
 async def assert_books_balance(services: Services, account: Account, opening: float) -> None:
     """No credit lost or double-charged: the ledger sums to the balance, and every credit spent is
     charged to exactly one finished task (failed tasks are charged nothing)."""
+    for _ in range(600):  # tasks still in flight finish first (the worker is running)
+        rows, _ = await services.store.list_tasks(account.id, limit=10_000)
+        if all(row.status in TERMINAL for row in rows):
+            break
+        await asyncio.sleep(0.05)
+    assert all(row.status in TERMINAL for row in rows), [(r.id, r.status) for r in rows]
     summary = await services.store.ledger_summary(account.id)
     assert summary.ledger_sum == summary.balance
-    rows, _ = await services.store.list_tasks(account.id, limit=10_000)
-    assert all(row.status in TERMINAL for row in rows), [(r.id, r.status) for r in rows]
     assert all(row.credits_used == 0 for row in rows if row.status == "failed")
     charged = sum(row.credits_used for row in rows)
     assert summary.balance == round(opening * 1_000_000) - charged

@@ -61,7 +61,9 @@ def _errors(*codes: int) -> dict[str, Any]:
         404: "No such task for this account.",
         413: "Request body too large.",
         429: "Rate limit exceeded; see Retry-After.",
+        502: "The model provider failed before the first chunk.",
         503: "Temporarily unavailable; see Retry-After.",
+        504: "The model provider did not answer in time before the first chunk.",
     }
     return {str(c): {"description": text[c], "content": _ERR} for c in codes}
 
@@ -135,7 +137,7 @@ def build_openapi() -> dict[str, Any]:
                         "description": "A stream of Gemini-native GenerateContentResponse chunks.",
                         "content": {"text/event-stream": {"schema": _SSE_EVENT}},
                     },
-                    **_errors(400, 401, 402, 413, 429, 503),
+                    **_errors(400, 401, 402, 413, 429, 502, 503, 504),
                 },
             }
         },
