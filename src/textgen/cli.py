@@ -18,7 +18,9 @@ from textgen.settings import Settings, load_settings
 
 def _logging(settings: Settings) -> None:
     logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
     )
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
@@ -70,8 +72,8 @@ def _bootstrap(settings: Settings, host: str, port: int) -> None:
         f"  X-API-ID:  {api_id}\n  X-API-KEY: {api_key}\n\nTry it:\n"
         f"  curl -s http://{shown}:{port}/sse/text_generator/ -H 'Content-Type: application/json' "
         f"-H 'X-API-ID: {api_id}' -H 'X-API-KEY: {api_key}' "
-        "-d '{\"model_name\": \"smollm2-135m-instruct\", \"sync\": true, "
-        "\"messages\": [{\"role\": \"user\", \"content\": \"Write a short tagline for an AI video tool.\"}]}'\n",
+        '-d \'{"model_name": "smollm2-135m-instruct", "sync": true, '
+        '"messages": [{"role": "user", "content": "Write a short tagline for an AI video tool."}]}\'\n',
         flush=True,
     )
 
@@ -95,8 +97,13 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         upgrade(settings)
     _bootstrap(settings, host, port)
     uvicorn.run(
-        "textgen.http.asgi:app_factory", factory=True, host=host, port=port, workers=args.workers,
-        log_level=settings.log_level.lower(), timeout_graceful_shutdown=int(settings.shutdown_timeout_seconds),
+        "textgen.http.asgi:app_factory",
+        factory=True,
+        host=host,
+        port=port,
+        workers=args.workers,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_seconds),
     )
     return 0
 
@@ -143,7 +150,9 @@ def cmd_accounts(settings: Settings, args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(_account_json(created.account, created.api_key)))
         else:
-            print(f"api_id:  {created.account.api_id}\napi_key: {created.api_key}\n(the key is shown only once)")
+            print(
+                f"api_id:  {created.account.api_id}\napi_key: {created.api_key}\n(the key is shown only once)"
+            )
         return 0
     if args.accounts_command == "credit":
         account = asyncio.run(_with_store(settings, lambda s: s.grant(args.api_id, to_micro(args.amount))))
@@ -173,8 +182,10 @@ def cmd_accounts(settings: Settings, args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(_account_json(account)))
         else:
-            print(f"webhook_secret: {account.webhook_secret}\n(the previous secret keeps signing until "
-                  f"{account.webhook_secret_previous_until.isoformat()})")
+            print(
+                f"webhook_secret: {account.webhook_secret}\n(the previous secret keeps signing until "
+                f"{account.webhook_secret_previous_until.isoformat()})"
+            )
         return 0
     raise AssertionError(args.accounts_command)
 

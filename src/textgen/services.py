@@ -31,8 +31,10 @@ def default_providers(settings: Settings) -> dict[str, Provider]:
 
     providers: dict[str, Provider] = {
         "local": LocalProvider(
-            settings.local_model_path, instances=settings.local_model_instances,
-            n_ctx=settings.local_context_tokens, threads=settings.local_threads,
+            settings.local_model_path,
+            instances=settings.local_model_instances,
+            n_ctx=settings.local_context_tokens,
+            threads=settings.local_threads,
         )
     }
     with contextlib.suppress(ImportError):
@@ -64,12 +66,21 @@ class Services:
         runner = Runner(store, registry, pricing, settings.lease_seconds)
         worker_id = new_worker_id("api")
         tasks = TaskService(
-            store, registry, pricing, runner, worker_id=worker_id, lease_seconds=settings.lease_seconds,
+            store,
+            registry,
+            pricing,
+            runner,
+            worker_id=worker_id,
+            lease_seconds=settings.lease_seconds,
             sync_timeout=settings.sync_timeout_seconds,
         )
         worker = Worker(
-            store, runner, worker_id=worker_id, concurrency=settings.worker_concurrency,
-            poll_seconds=settings.worker_poll_seconds, lease_seconds=settings.lease_seconds,
+            store,
+            runner,
+            worker_id=worker_id,
+            concurrency=settings.worker_concurrency,
+            poll_seconds=settings.worker_poll_seconds,
+            lease_seconds=settings.lease_seconds,
         )
         tasks.on_queued.append(worker.notify)
         policy = AddressPolicy(allow_private=settings.webhook_allow_private)
@@ -77,9 +88,16 @@ class Services:
         webhooks = WebhookSender.from_settings(store, settings, worker_id, policy)
         store.delivery_listeners.append(webhooks.notify)
         return cls(
-            settings=settings, store=store, registry=registry, auth=Authenticator(store),
-            limiter=RateLimiter(settings.redis_url), runner=runner, tasks=tasks, worker=worker,
-            worker_id=worker_id, webhooks=webhooks,
+            settings=settings,
+            store=store,
+            registry=registry,
+            auth=Authenticator(store),
+            limiter=RateLimiter(settings.redis_url),
+            runner=runner,
+            tasks=tasks,
+            worker=worker,
+            worker_id=worker_id,
+            webhooks=webhooks,
         )
 
     async def start_providers(self) -> None:

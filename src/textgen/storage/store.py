@@ -148,7 +148,14 @@ class Store:
     # ---- accounts -------------------------------------------------------------------------------
 
     async def create_account(
-        self, *, api_id: str, key_hash: str, key_prefix: str, name: str, credits: int, rate_limit: int,
+        self,
+        *,
+        api_id: str,
+        key_hash: str,
+        key_prefix: str,
+        name: str,
+        credits: int,
+        rate_limit: int,
         webhook_secret: str,
     ) -> AccountRow:
         """Create an account and record its opening grant in the ledger."""
@@ -158,8 +165,14 @@ class Store:
                 await conn.execute(
                     accounts.insert()
                     .values(
-                        api_id=api_id, key_hash=key_hash, key_prefix=key_prefix, name=name, balance=credits,
-                        rate_limit=rate_limit, webhook_secret=webhook_secret, created_at=now,
+                        api_id=api_id,
+                        key_hash=key_hash,
+                        key_prefix=key_prefix,
+                        name=name,
+                        balance=credits,
+                        rate_limit=rate_limit,
+                        webhook_secret=webhook_secret,
+                        created_at=now,
                     )
                     .returning(*accounts.c)
                 )
@@ -202,7 +215,11 @@ class Store:
                 raise NotFound(f"no account with api_id {api_id!r}")
             await conn.execute(
                 ledger.insert().values(
-                    account_id=row.id, kind="grant", amount=amount, balance_after=row.balance, created_at=utcnow()
+                    account_id=row.id,
+                    kind="grant",
+                    amount=amount,
+                    balance_after=row.balance,
+                    created_at=utcnow(),
                 )
             )
         return _account(row)
@@ -247,8 +264,16 @@ class Store:
     # ---- tasks ----------------------------------------------------------------------------------
 
     async def create_task(
-        self, *, account_id: int, model_name: str, mode: str, request: dict[str, Any], webhook_url: str | None,
-        reserve: int, lease_owner: str | None = None, lease_seconds: float = 0.0,
+        self,
+        *,
+        account_id: int,
+        model_name: str,
+        mode: str,
+        request: dict[str, Any],
+        webhook_url: str | None,
+        reserve: int,
+        lease_owner: str | None = None,
+        lease_seconds: float = 0.0,
     ) -> TaskRow:
         """Reserve ``reserve`` micro-credits and insert the task, atomically; 402 if the balance is short.
 
@@ -274,20 +299,35 @@ class Store:
                 await conn.execute(
                     tasks.insert()
                     .values(
-                        id=task_id, account_id=account_id, model_name=model_name, mode=mode,
-                        status="running" if running else "pending", request=request, webhook_url=webhook_url,
-                        response_text="", response_function_calls=[], failed_reason="",
-                        credits_reserved=reserve, credits_used=0, lease_owner=lease_owner,
+                        id=task_id,
+                        account_id=account_id,
+                        model_name=model_name,
+                        mode=mode,
+                        status="running" if running else "pending",
+                        request=request,
+                        webhook_url=webhook_url,
+                        response_text="",
+                        response_function_calls=[],
+                        failed_reason="",
+                        credits_reserved=reserve,
+                        credits_used=0,
+                        lease_owner=lease_owner,
                         lease_expires_at=now + dt.timedelta(seconds=lease_seconds) if running else None,
-                        attempts=1 if running else 0, created_at=now, updated_at=now,
+                        attempts=1 if running else 0,
+                        created_at=now,
+                        updated_at=now,
                     )
                     .returning(*tasks.c)
                 )
             ).one()
             await conn.execute(
                 ledger.insert().values(
-                    account_id=account_id, task_id=task_id, kind="reserve", amount=-reserve,
-                    balance_after=balance_after, created_at=now,
+                    account_id=account_id,
+                    task_id=task_id,
+                    kind="reserve",
+                    amount=-reserve,
+                    balance_after=balance_after,
+                    created_at=now,
                 )
             )
         return _task(row)
@@ -303,7 +343,12 @@ class Store:
         return _task(row)
 
     async def list_tasks(
-        self, account_id: int, *, limit: int, status: str | None = None, after: Cursor | None = None,
+        self,
+        account_id: int,
+        *,
+        limit: int,
+        status: str | None = None,
+        after: Cursor | None = None,
         before: Cursor | None = None,
     ) -> tuple[list[TaskRow], bool]:
         """Newest first. ``after`` pages towards older tasks, ``before`` towards newer ones.
@@ -315,13 +360,16 @@ class Store:
         if status is not None:
             query = query.where(tasks.c.status == status)
         if before is not None:
-            query = query.where(key > sa.tuple_(sa.literal(before.created_at, tasks.c.created_at.type),
-                                                sa.literal(before.id)))
+            query = query.where(
+                key > sa.tuple_(sa.literal(before.created_at, tasks.c.created_at.type), sa.literal(before.id))
+            )
             query = query.order_by(tasks.c.created_at.asc(), tasks.c.id.asc())
         else:
             if after is not None:
-                query = query.where(key < sa.tuple_(sa.literal(after.created_at, tasks.c.created_at.type),
-                                                    sa.literal(after.id)))
+                query = query.where(
+                    key
+                    < sa.tuple_(sa.literal(after.created_at, tasks.c.created_at.type), sa.literal(after.id))
+                )
             query = query.order_by(tasks.c.created_at.desc(), tasks.c.id.desc())
         async with self._tx() as conn:
             rows = [_task(r) for r in (await conn.execute(query.limit(limit + 1))).all()]
@@ -353,9 +401,11 @@ class Store:
                     tasks.update()
                     .where(tasks.c.id == candidate.scalar_subquery())
                     .values(
-                        status="running", lease_owner=worker_id,
+                        status="running",
+                        lease_owner=worker_id,
                         lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
-                        attempts=tasks.c.attempts + 1, updated_at=now,
+                        attempts=tasks.c.attempts + 1,
+                        updated_at=now,
                     )
                     .returning(*tasks.c)
                 )
@@ -384,7 +434,10 @@ class Store:
         return bool(result.rowcount)
 
     async def finish_task(
-        self, task_id: str, worker_id: str, outcome: Outcome,
+        self,
+        task_id: str,
+        worker_id: str,
+        outcome: Outcome,
         delivery_id: Callable[[], str] = lambda: f"msg_{uuid.uuid4().hex}",
     ) -> TaskRow | None:
         """Record the outcome, settle credits and queue the webhook, all in one transaction.
@@ -417,9 +470,12 @@ class Store:
             )
             await conn.execute(
                 ledger.insert().values(
-                    account_id=current.account_id, task_id=task_id,
-                    kind="settle" if outcome.status == "done" else "release", amount=refund,
-                    balance_after=new_balance, created_at=now,
+                    account_id=current.account_id,
+                    task_id=task_id,
+                    kind="settle" if outcome.status == "done" else "release",
+                    amount=refund,
+                    balance_after=new_balance,
+                    created_at=now,
                 )
             )
             row = (
@@ -427,11 +483,17 @@ class Store:
                     tasks.update()
                     .where(tasks.c.id == task_id)
                     .values(
-                        status=outcome.status, response_text=outcome.response_text,
-                        response_function_calls=outcome.function_calls, failed_reason=outcome.failed_reason,
-                        finish_reason=outcome.finish_reason, input_tokens=outcome.input_tokens,
-                        output_tokens=outcome.output_tokens, credits_used=charged, lease_owner=None,
-                        lease_expires_at=None, updated_at=now,
+                        status=outcome.status,
+                        response_text=outcome.response_text,
+                        response_function_calls=outcome.function_calls,
+                        failed_reason=outcome.failed_reason,
+                        finish_reason=outcome.finish_reason,
+                        input_tokens=outcome.input_tokens,
+                        output_tokens=outcome.output_tokens,
+                        credits_used=charged,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        updated_at=now,
                     )
                     .returning(*tasks.c)
                 )
@@ -440,9 +502,16 @@ class Store:
             if task.webhook_url:
                 await conn.execute(
                     webhook_deliveries.insert().values(
-                        id=delivery_id(), task_id=task.id, account_id=task.account_id, url=task.webhook_url,
-                        payload=json.dumps(webhook_payload(task), separators=(",", ":")), status="pending",
-                        attempt_count=0, next_attempt_at=now, created_at=now, updated_at=now,
+                        id=delivery_id(),
+                        task_id=task.id,
+                        account_id=task.account_id,
+                        url=task.webhook_url,
+                        payload=json.dumps(webhook_payload(task), separators=(",", ":")),
+                        status="pending",
+                        attempt_count=0,
+                        next_attempt_at=now,
+                        created_at=now,
+                        updated_at=now,
                     )
                 )
         if task.webhook_url:
@@ -465,9 +534,16 @@ class Store:
         async with self._tx() as conn:
             await conn.execute(
                 webhook_deliveries.insert().values(
-                    id=delivery, task_id=task.id, account_id=task.account_id, url=url,
-                    payload=json.dumps(webhook_payload(task), separators=(",", ":")), status="pending",
-                    attempt_count=0, next_attempt_at=now, created_at=now, updated_at=now,
+                    id=delivery,
+                    task_id=task.id,
+                    account_id=task.account_id,
+                    url=url,
+                    payload=json.dumps(webhook_payload(task), separators=(",", ":")),
+                    status="pending",
+                    attempt_count=0,
+                    next_attempt_at=now,
+                    created_at=now,
+                    updated_at=now,
                 )
             )
         self._deliveries_queued()
@@ -493,7 +569,11 @@ class Store:
         for d in deliveries:
             out.append(
                 {
-                    **{k: v for k, v in d._mapping.items() if k not in ("payload", "locked_by", "locked_until")},
+                    **{
+                        k: v
+                        for k, v in d._mapping.items()
+                        if k not in ("payload", "locked_by", "locked_until")
+                    },
                     "attempts": [dict(a._mapping) for a in attempts if a.delivery_id == d.id],
                 }
             )
@@ -513,7 +593,8 @@ class Store:
         now = utcnow()
         d = webhook_deliveries
         due = sa.and_(
-            d.c.status == "pending", d.c.next_attempt_at <= now,
+            d.c.status == "pending",
+            d.c.next_attempt_at <= now,
             sa.or_(d.c.locked_until.is_(None), d.c.locked_until < now),
         )
         candidates = sa.select(d.c.id).where(due).order_by(d.c.next_attempt_at, d.c.id).limit(limit)
@@ -541,8 +622,11 @@ class Store:
         async with self._tx() as conn:
             await conn.execute(
                 webhook_attempts.insert().values(
-                    delivery_id=delivery_id, attempted_at=attempt.attempted_at,
-                    status_code=attempt.status_code, error=attempt.error, duration_ms=attempt.duration_ms,
+                    delivery_id=delivery_id,
+                    attempted_at=attempt.attempted_at,
+                    status_code=attempt.status_code,
+                    error=attempt.error,
+                    duration_ms=attempt.duration_ms,
                     next_attempt_at=attempt.next_attempt_at,
                 )
             )
@@ -550,8 +634,11 @@ class Store:
                 d.update()
                 .where(d.c.id == delivery_id, d.c.status == "pending", d.c.locked_by == worker_id)
                 .values(
-                    status=attempt.outcome, attempt_count=d.c.attempt_count + 1,
-                    next_attempt_at=attempt.next_attempt_at, locked_by=None, locked_until=None,
+                    status=attempt.outcome,
+                    attempt_count=d.c.attempt_count + 1,
+                    next_attempt_at=attempt.next_attempt_at,
+                    locked_by=None,
+                    locked_until=None,
                     updated_at=utcnow(),
                 )
             )
