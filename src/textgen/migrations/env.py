@@ -10,6 +10,8 @@ from sqlalchemy.engine import Connection
 from textgen.storage.tables import metadata
 
 config = context.config
+# A fixed key for the PostgreSQL advisory lock that serialises concurrent `textgen migrate`/`serve` start-ups.
+MIGRATION_LOCK_KEY = 0x7465787467656E  # "textgen"
 
 
 def _run(connection: Connection) -> None:
@@ -20,6 +22,9 @@ def _run(connection: Connection) -> None:
         compare_type=True,
     )
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # Processes starting together queue here; each then reads the version the previous one left.
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")
         context.run_migrations()
 
 
