@@ -117,6 +117,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
             svc.worker.concurrency = args.concurrency
         await svc.start_providers()
         svc.start_webhooks()
+        svc.start_notifications()
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):

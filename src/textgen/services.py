@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from textgen.accounts import Authenticator
 from textgen.catalog import Pricing, load_catalog
+from textgen.notify import DELIVERIES_CHANNEL, TASKS_CHANNEL, Listener, asyncpg_dsn
 from textgen.providers import Provider, ProviderRegistry
 from textgen.ratelimit import RateLimiter
 from textgen.runner import Runner
@@ -57,6 +58,7 @@ class Services:
     worker_id: str
     background: list[asyncio.Task[None]] = field(default_factory=list)
     webhooks: WebhookSender | None = None
+    listener: Listener | None = None
 
     @classmethod
     def build(cls, settings: Settings, providers: dict[str, Provider]) -> Services:
@@ -116,6 +118,17 @@ class Services:
     async def start_worker(self) -> None:
         self.background.append(asyncio.create_task(self.worker.run(), name="textgen-worker"))
         self.start_webhooks()
+        self.start_notifications()
+
+    def start_notifications(self) -> None:
+        """On PostgreSQL, LISTEN for work queued by other processes (polling remains the fallback)."""
+        if not self.store.is_postgres:
+            return
+        channels = {TASKS_CHANNEL: [self.worker.notify]}
+        if self.webhooks is not None:
+            channels[DELIVERIES_CHANNEL] = [self.webhooks.notify]
+        self.listener = Listener(asyncpg_dsn(self.settings.database_url), channels)
+        self.background.append(asyncio.create_task(self.listener.run(), name="textgen-listener"))
 
     def start_webhooks(self) -> None:
         """Run the webhook sender in this process (``textgen serve`` and ``textgen worker``)."""

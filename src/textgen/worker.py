@@ -71,6 +71,11 @@ class Worker:
                     continue
                 await self._sleep()
                 continue
+            if self._stopping:
+                # stop() began while this claim was in flight; it does not wait for this task, so give it back.
+                slots.release()
+                await self.runner.release(task.id, self.worker_id)
+                break
             running = asyncio.create_task(self.runner.run(task, self.worker_id), name=f"task-{task.id}")
             self._inflight[task.id] = running
             running.add_done_callback(functools.partial(self._done, task.id, slots=slots))

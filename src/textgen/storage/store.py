@@ -19,6 +19,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from textgen.errors import InsufficientCredits, NotFound, StorageUnavailable
+from textgen.notify import DELIVERIES_CHANNEL, TASKS_CHANNEL
 from textgen.storage.tables import accounts, ledger, tasks, webhook_attempts, webhook_deliveries
 
 TERMINAL = ("done", "failed")
@@ -140,6 +141,11 @@ class Store:
             raise
         except (sa_exc.DBAPIError, sa_exc.TimeoutError, OSError, TimeoutError) as exc:
             raise StorageUnavailable(f"database unavailable: {type(exc).__name__}") from exc
+
+    async def _notify(self, conn: AsyncConnection, channel: str) -> None:
+        """On PostgreSQL, wake listeners in every process once this transaction commits."""
+        if self.is_postgres:
+            await conn.execute(sa.select(sa.func.pg_notify(channel, "")))
 
     async def ping(self) -> None:
         async with self._tx() as conn:
@@ -330,6 +336,8 @@ class Store:
                     created_at=now,
                 )
             )
+            if not running:
+                await self._notify(conn, TASKS_CHANNEL)
         return _task(row)
 
     async def get_task(self, task_id: str, account_id: int | None = None) -> TaskRow:
@@ -431,6 +439,8 @@ class Store:
                 .where(tasks.c.id == task_id, tasks.c.status == "running", tasks.c.lease_owner == worker_id)
                 .values(status="pending", lease_owner=None, lease_expires_at=None, updated_at=utcnow())
             )
+            if result.rowcount:
+                await self._notify(conn, TASKS_CHANNEL)
         return bool(result.rowcount)
 
     async def finish_task(
@@ -514,6 +524,7 @@ class Store:
                         updated_at=now,
                     )
                 )
+                await self._notify(conn, DELIVERIES_CHANNEL)
         if task.webhook_url:
             self._deliveries_queued()
         return task
@@ -546,6 +557,7 @@ class Store:
                     updated_at=now,
                 )
             )
+            await self._notify(conn, DELIVERIES_CHANNEL)
         self._deliveries_queued()
         return delivery
 

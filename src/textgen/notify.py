@@ -1,0 +1,81 @@
+"""LISTEN/NOTIFY wake-ups on PostgreSQL.
+
+The store issues ``pg_notify`` inside the transaction that queues work (delivered only on commit); a listener
+on its own asyncpg connection wakes this process's worker or webhook sender at once. Polling stays the
+fallback: a notification lost while the listener reconnects only costs one poll interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import asyncpg
+from sqlalchemy.engine import make_url
+
+log = logging.getLogger("textgen.notify")
+
+TASKS_CHANNEL = "textgen_tasks"
+DELIVERIES_CHANNEL = "textgen_deliveries"
+
+Wake = Callable[[], None]
+
+
+def asyncpg_dsn(database_url: str) -> str:
+    """The plain libpq URL asyncpg connects with, from a ``postgresql+asyncpg://`` URL."""
+    return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+class Listener:
+    """Holds one dedicated connection that LISTENs on a few channels; reconnects when it drops."""
+
+    def __init__(
+        self, dsn: str, channels: Mapping[str, Sequence[Wake]], *, retry_seconds: float = 1.0
+    ) -> None:
+        self._dsn = dsn
+        self._channels = {name: list(wakes) for name, wakes in channels.items()}
+        self._retry_seconds = retry_seconds
+        self.connected = asyncio.Event()
+        self.received = 0
+
+    def _wake_all(self) -> None:
+        for wakes in self._channels.values():
+            for wake in wakes:
+                wake()
+
+    def _on_notify(self, _conn: Any, _pid: int, channel: str, _payload: str) -> None:
+        self.received += 1
+        for wake in self._channels.get(channel, ()):
+            wake()
+
+    async def run(self) -> None:
+        """Listen until cancelled, reconnecting after a lost connection."""
+        while True:
+            try:
+                await self._listen_once()
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("notifications: listener connection failed (%s); polling meanwhile", exc)
+            await asyncio.sleep(self._retry_seconds)
+
+    async def _listen_once(self) -> None:
+        lost = asyncio.Event()
+        conn: Any = await asyncpg.connect(self._dsn, timeout=10)
+        try:
+            conn.add_termination_listener(lambda _c: lost.set())
+            for channel in self._channels:
+                await conn.add_listener(channel, self._on_notify)
+            self.connected.set()
+            # Work queued while no one listened would otherwise wait for the next poll.
+            self._wake_all()
+            while not lost.is_set():
+                # asyncpg notices a dead connection only when it uses it: a cheap query every few seconds.
+                try:
+                    await asyncio.wait_for(lost.wait(), 5)
+                except TimeoutError:
+                    await conn.execute("SELECT 1", timeout=5)
+        finally:
+            self.connected.clear()
+            if not conn.is_closed():
+                conn.terminate()
