@@ -34,10 +34,13 @@ class Quota:
 class RateLimiter:
     """A moving one-minute window per account. Falls back to a per-process window if Redis fails."""
 
-    def __init__(self, redis_url: str | None = None) -> None:
+    def __init__(self, redis_url: str | None = None, *, retry_seconds: float = 1.0) -> None:
         self._local = MovingWindowRateLimiter(MemoryStorage())
         self._shared: MovingWindowRateLimiter | None = None
         self.degraded_reason: str | None = None
+        # While Redis is down, try it again at most this often, so requests do not each wait on it.
+        self._retry_seconds = retry_seconds
+        self._retry_at = 0.0
         if redis_url:
             uri = redis_url.replace("redis://", "async+redis://", 1).replace(
                 "rediss://", "async+rediss://", 1
@@ -58,21 +61,23 @@ class RateLimiter:
     async def hit(self, account_key: str, per_minute: int) -> Quota:
         """Count one request; raise RateLimited (with Retry-After) when over the limit."""
         item = RateLimitItemPerMinute(per_minute)
-        limiter = self._local
-        if self._shared is not None:
+        if self._shared is not None and time.monotonic() >= self._retry_at:
             try:
                 allowed = await self._shared.hit(item, account_key)
                 stats = await self._shared.get_window_stats(item, account_key)
-                if self.degraded_reason:
-                    log.warning("rate limits: redis reachable again, shared limits restored")
-                    self.degraded_reason = None
-                return self._decide(allowed, item.amount, stats.remaining, stats.reset_time)
             except Exception as exc:  # any storage failure: keep serving on the local window
                 if self.degraded_reason is None:
                     log.error("rate limits: redis unreachable (%s); using per-process limits", exc)
                 self.degraded_reason = f"{type(exc).__name__}: {exc}"
-        allowed = await limiter.hit(item, account_key)
-        stats = await limiter.get_window_stats(item, account_key)
+                self._retry_at = time.monotonic() + self._retry_seconds
+            else:
+                if self.degraded_reason:
+                    log.warning("rate limits: redis reachable again, shared limits restored")
+                    self.degraded_reason = None
+                # Decided outside the try: a 429 is the shared limit working, not Redis failing.
+                return self._decide(allowed, item.amount, stats.remaining, stats.reset_time)
+        allowed = await self._local.hit(item, account_key)
+        stats = await self._local.get_window_stats(item, account_key)
         return self._decide(allowed, item.amount, stats.remaining, stats.reset_time)
 
     @staticmethod
