@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         plan.soak_seconds = args.soak_seconds
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # thousands of streams need descriptors
-    command = "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = shlex.join(["python", "-m", "bench", *(argv if argv is not None else sys.argv[1:])])
     info = machine.describe()
     started = time.time()
     failed: list[str] = []

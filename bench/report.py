@@ -120,8 +120,9 @@ def _overhead(o: dict[str, Any], lines: list[str]) -> None:
             lines.append(
                 f"\nCross-check, {r['backend']}: the header says {fmt(lat['header_p50'])} ms at p50; the client sees "
                 f"{fmt(measured)} ms more than direct HTTP. The difference ({fmt(measured - lat['header_p50'])} ms) is "
-                "time the header cannot see: the google-genai SDK's own work inside the measured upstream call, plus "
-                "HTTP parsing before the middleware and the extra loopback hop."
+                "time the header cannot see or counts as upstream time: the provider call around the HTTP exchange "
+                "(the SDK's request and response models, the fake's own handling), HTTP parsing before the middleware "
+                "and the second loopback hop."
             )
     sdk = o.get("sdk")
     if sdk:
