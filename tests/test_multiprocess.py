@@ -253,7 +253,7 @@ async def test_two_apis_three_workers_one_killed(tmp_path: Path, pg_url: str) ->
             assert tasks[task_id]["attempts"] == 2  # reclaimed after the lease expired, run once more
         assert all(row["attempts"] in (1, 2) for row in rows)
         ledger = await db.fetch("SELECT task_id, kind, count(*) AS n FROM ledger GROUP BY task_id, kind")
-        per_task = collections.defaultdict(dict)
+        per_task: dict[str, dict[str, int]] = collections.defaultdict(dict)
         for row in ledger:
             if row["task_id"] is not None:
                 per_task[row["task_id"]][row["kind"]] = row["n"]
