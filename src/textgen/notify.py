@@ -55,7 +55,7 @@ class Listener:
         while True:
             try:
                 await self._listen_once()
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except Exception as exc:  # whatever broke the connection, keep trying: polling covers the gap
                 log.warning("notifications: listener connection failed (%s); polling meanwhile", exc)
             await asyncio.sleep(self._retry_seconds)
 
