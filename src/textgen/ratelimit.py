@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 from limits import RateLimitItemPerMinute
 from limits.aio.storage import MemoryStorage, Storage
-from limits.aio.strategies import MovingWindowRateLimiter
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.storage import storage_from_string
+from redis import asyncio as aioredis
 
 from textgen.errors import RateLimited
 
@@ -32,25 +33,40 @@ class Quota:
 
 
 class RateLimiter:
-    """A moving one-minute window per account. Falls back to a per-process window if Redis fails."""
+    """A one-minute sliding window per account (O(1) per hit: two counters, not one entry per request).
+
+    Falls back to a per-process window if Redis fails.
+    """
 
     def __init__(self, redis_url: str | None = None, *, retry_seconds: float = 1.0) -> None:
-        self._local = MovingWindowRateLimiter(MemoryStorage())
-        self._shared: MovingWindowRateLimiter | None = None
+        self._local = SlidingWindowCounterRateLimiter(MemoryStorage())
+        self._shared: SlidingWindowCounterRateLimiter | None = None
         self.degraded_reason: str | None = None
         # While Redis is down, try it again at most this often, so requests do not each wait on it.
         self._retry_seconds = retry_seconds
         self._retry_at = 0.0
+        self._pool: aioredis.ConnectionPool | None = None
         if redis_url:
             uri = redis_url.replace("redis://", "async+redis://", 1).replace(
                 "rediss://", "async+rediss://", 1
             )
+            # Our own pool, so aclose() can close its connections.
+            self._pool = aioredis.ConnectionPool.from_url(
+                redis_url, socket_timeout=0.5, socket_connect_timeout=0.5
+            )
             # redis-py is the installed client; limits defaults to coredis, which is not a dependency.
+            # (limits passes connection_pool through to redis-py; its annotation only lists scalars.)
             storage = storage_from_string(
-                uri, implementation="redispy", socket_timeout=0.5, socket_connect_timeout=0.5
+                uri,
+                implementation="redispy",
+                connection_pool=self._pool,  # type: ignore[arg-type]
             )
             assert isinstance(storage, Storage)
-            self._shared = MovingWindowRateLimiter(storage)
+            self._shared = SlidingWindowCounterRateLimiter(storage)
+
+    async def aclose(self) -> None:
+        if self._pool is not None:
+            await self._pool.aclose()
 
     @property
     def backend(self) -> str:
