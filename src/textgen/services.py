@@ -143,4 +143,5 @@ class Services:
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
         await self.registry.aclose()
+        await self.limiter.aclose()
         await self.store.aclose()
