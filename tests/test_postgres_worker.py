@@ -11,6 +11,7 @@ import asyncpg
 from tests.conftest import Server, make_settings, run_server
 from tests.fakes.providers import FakeProvider
 from tests.pgdb import ADMIN_DSN, pg_template, pg_url  # noqa: F401  (fixtures)
+from textgen.notify import APPLICATION_NAME
 
 BODY: dict[str, Any] = {"model_name": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
 NEVER = 3600.0  # a poll interval no test waits for: only a notification can wake the worker
@@ -71,8 +72,9 @@ async def test_the_listener_reconnects_after_its_connection_is_killed(
         try:
             killed = await admin.fetchval(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE datname = $1 AND query LIKE 'LISTEN%'",
+                "WHERE datname = $1 AND application_name = $2",
                 pg_url.rsplit("/", 1)[1],
+                APPLICATION_NAME,
             )
         finally:
             await admin.close()
@@ -117,9 +119,9 @@ async def test_heartbeats_keep_a_long_task_with_its_first_worker(
 ) -> None:
     # The generation outlives the lease several times over; two workers compete for expired leases.
     settings = make_settings(
-        tmp_path, models_file=models_file, database_url=pg_url, lease_seconds=0.6, worker_poll_seconds=0.05
+        tmp_path, models_file=models_file, database_url=pg_url, lease_seconds=1.2, worker_poll_seconds=0.05
     )
-    first, second = FakeProvider(delay=2.5), FakeProvider(delay=2.5)
+    first, second = FakeProvider(delay=4), FakeProvider(delay=4)
     async with (
         run_server(settings, {"fake": first}) as one,
         run_server(settings, {"fake": second}) as two,

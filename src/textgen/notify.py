@@ -19,6 +19,7 @@ log = logging.getLogger("textgen.notify")
 
 TASKS_CHANNEL = "textgen_tasks"
 DELIVERIES_CHANNEL = "textgen_deliveries"
+APPLICATION_NAME = "textgen-listener"  # how the listener shows in pg_stat_activity
 
 Wake = Callable[[], None]
 
@@ -61,7 +62,9 @@ class Listener:
 
     async def _listen_once(self) -> None:
         lost = asyncio.Event()
-        conn: Any = await asyncpg.connect(self._dsn, timeout=10)
+        conn: Any = await asyncpg.connect(
+            self._dsn, timeout=10, server_settings={"application_name": APPLICATION_NAME}
+        )
         try:
             conn.add_termination_listener(lambda _c: lost.set())
             for channel in self._channels:
