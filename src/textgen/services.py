@@ -136,9 +136,12 @@ class Services:
             self.background.append(asyncio.create_task(self.webhooks.run(), name="textgen-webhooks"))
 
     async def aclose(self) -> None:
-        await self.worker.stop(self.settings.shutdown_timeout_seconds)
+        # Both stop within the one shutdown timeout, side by side, not one after the other.
+        grace = self.settings.shutdown_timeout_seconds
+        stopping = [self.worker.stop(grace)]
         if self.webhooks is not None:
-            await self.webhooks.stop(self.settings.shutdown_timeout_seconds)
+            stopping.append(self.webhooks.stop(grace))
+        await asyncio.gather(*stopping)
         for task in self.background:
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
