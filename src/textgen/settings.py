@@ -18,57 +18,97 @@ DEFAULT_MAX_BODY_BYTES = 140 * 1024 * 1024
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TEXTGEN_", extra="ignore", frozen=True)
 
-    database_url: str = DEFAULT_DATABASE_URL
-    redis_url: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 8000
+    database_url: str = Field(
+        DEFAULT_DATABASE_URL,
+        description="`sqlite+aiosqlite:///PATH` (embedded default) or `postgresql+asyncpg://USER@HOST/DB`",
+    )
+    redis_url: str | None = Field(
+        None, description="`redis://HOST:6379/0`: share rate limits between processes (else per process)"
+    )
+    host: str = Field("127.0.0.1", description="address `textgen serve` listens on")
+    port: int = Field(8000, description="port `textgen serve` listens on")
+    log_level: str = Field("info", description="debug, info, warning or error")
 
-    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, gt=0)
-    default_rate_limit: int = Field(60, gt=0, description="requests per minute for new accounts")
-    default_credits: float = Field(100.0, ge=0)
-    credits_per_usd: float = Field(100.0, gt=0)
-    models_file: Path | None = None
+    max_body_bytes: int = Field(
+        DEFAULT_MAX_BODY_BYTES,
+        gt=0,
+        description="largest request body (413 above); fits a 100 MB video in base64",
+    )
+    default_rate_limit: int = Field(60, gt=0, description="requests per minute of new accounts")
+    default_credits: float = Field(100.0, ge=0, description="credits of new accounts")
+    credits_per_usd: float = Field(100.0, gt=0, description="credits charged per USD of model list price")
+    models_file: Path | None = Field(
+        None, description="TOML file of extra or overriding models and prices (format of `models.toml`)"
+    )
+    list_max_limit: int = Field(100, ge=1, description="largest `?limit=` of the task list")
+    sync_timeout_seconds: float = Field(
+        600.0, gt=0, description="a sync request that takes longer fails with a timeout"
+    )
+    stream_keepalive_seconds: float = Field(
+        15.0, gt=0, description="keep-alive comment interval while a stream is silent"
+    )
 
-    local_model_path: Path | None = None
-    local_model_instances: int = Field(1, ge=1)
-    local_context_tokens: int = Field(4096, ge=256)
-    local_threads: int | None = None
+    local_model_path: Path | None = Field(
+        None, description="GGUF chat model to serve as `smollm2-135m-instruct` (default: the bundled SmolLM2)"
+    )
+    local_model_instances: int | None = Field(
+        None, ge=1, description="embedded model instances (default: one per two CPU cores, at most 8)"
+    )
+    local_context_tokens: int = Field(4096, ge=256, description="context window of each instance")
+    local_threads: int | None = Field(
+        None, description="CPU threads per instance (default: cores / instances)"
+    )
 
-    gemini_api_key: str | None = Field(None, validation_alias="GEMINI_API_KEY")
-    gemini_base_url: str | None = None
-    gemini_api_version: str = "v1beta"
-    gemini_timeout_seconds: float = Field(300.0, gt=0)
-    gemini_retry_budget_seconds: float = Field(60.0, ge=0)
-    gemini_max_attempts: int = Field(5, ge=1)
-    gemini_retry_initial_delay_seconds: float = Field(1.0, ge=0)
-    gemini_retry_max_delay_seconds: float = Field(30.0, ge=0)
-    # Larger requests send their videos through the File API (Gemini's inline limit, base64 included).
-    gemini_inline_request_bytes: int = Field(100_000_000, gt=0)
-    gemini_file_poll_seconds: float = Field(1.0, gt=0)
-    gemini_file_active_timeout_seconds: float = Field(600.0, gt=0)
+    gemini_api_key: str | None = Field(
+        None,
+        validation_alias="GEMINI_API_KEY",
+        description="enables the Gemini models (read from `GEMINI_API_KEY`)",
+    )
+    gemini_base_url: str | None = Field(None, description="Gemini API base URL (a proxy, or a test server)")
+    gemini_api_version: str = Field("v1beta", description="Gemini API version")
+    gemini_timeout_seconds: float = Field(300.0, gt=0, description="timeout of one Gemini call")
+    gemini_retry_budget_seconds: float = Field(60.0, ge=0, description="total time retries may take")
+    gemini_max_attempts: int = Field(5, ge=1, description="attempts per Gemini call, the first included")
+    gemini_retry_initial_delay_seconds: float = Field(1.0, ge=0, description="first backoff delay")
+    gemini_retry_max_delay_seconds: float = Field(30.0, ge=0, description="longest backoff delay")
+    gemini_inline_request_bytes: int = Field(
+        100_000_000, gt=0, description="requests larger than this send their videos through the File API"
+    )
+    gemini_file_poll_seconds: float = Field(
+        1.0, gt=0, description="File API: interval of upload state checks"
+    )
+    gemini_file_active_timeout_seconds: float = Field(
+        600.0, gt=0, description="File API: how long an upload may take to become active"
+    )
 
-    run_worker: bool = True
-    worker_concurrency: int = Field(4, ge=1)
-    worker_poll_seconds: float = Field(1.0, gt=0)
-    lease_seconds: float = Field(30.0, gt=0)
-    shutdown_timeout_seconds: float = Field(30.0, ge=0)
+    run_worker: bool = Field(True, description="`textgen serve` also runs the task worker and webhook sender")
+    worker_concurrency: int = Field(4, ge=1, description="tasks in flight per worker")
+    worker_poll_seconds: float = Field(
+        1.0, gt=0, description="queue polling interval (woken at once by new tasks in-process or via NOTIFY)"
+    )
+    lease_seconds: float = Field(
+        30.0, gt=0, description="a running task whose worker stops renewing it for this long is run again"
+    )
+    shutdown_timeout_seconds: float = Field(
+        30.0, ge=0, description="on SIGTERM, in-flight tasks get this long before they are released"
+    )
+    db_pool_size: int = Field(10, ge=1, description="PostgreSQL connections per process")
+    db_max_overflow: int = Field(10, ge=0, description="extra PostgreSQL connections under load")
 
-    db_pool_size: int = Field(10, ge=1)
-    db_max_overflow: int = Field(10, ge=0)
-
-    list_max_limit: int = Field(100, ge=1)
-    sync_timeout_seconds: float = Field(600.0, gt=0)
-    stream_keepalive_seconds: float = Field(15.0, gt=0)
-
-    webhook_allow_private: bool = False
-    webhook_timeout_seconds: float = Field(15.0, gt=0)
-    webhook_schedule: str = "0,5,300,1800,7200,18000,36000,36000,36000,36000,36000,36000,36000"
-    webhook_secret_grace_seconds: float = Field(86400.0, ge=0)
+    webhook_allow_private: bool = Field(
+        False, description="allow webhook URLs on loopback/private networks (development, tests)"
+    )
+    webhook_timeout_seconds: float = Field(15.0, gt=0, description="timeout of one webhook attempt")
+    webhook_schedule: str = Field(
+        "0,5,300,1800,7200,18000,36000,36000,36000,36000,36000,36000,36000",
+        description="delays in seconds before each webhook attempt (about 3 days in all)",
+    )
+    webhook_secret_grace_seconds: float = Field(
+        86400.0, ge=0, description="after a rotation, the previous signing secret keeps signing this long"
+    )
     webhook_jitter: float = Field(0.1, ge=0, lt=1, description="spread of each retry delay, as a fraction")
     webhook_concurrency: int = Field(16, ge=1, description="webhook attempts in flight per process")
     webhook_poll_seconds: float = Field(1.0, gt=0, description="polling for deliveries queued elsewhere")
-
-    log_level: str = "info"
 
     @field_validator("database_url")
     @classmethod
@@ -92,6 +132,23 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         problems = "; ".join(
-            f"TEXTGEN_{'.'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors()
+            f"{env_name(str(e['loc'][0])) if e['loc'] else 'TEXTGEN'}: {e['msg']}" for e in exc.errors()
         )
         raise ConfigurationError(f"invalid configuration: {problems}") from exc
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets a field."""
+    info = Settings.model_fields.get(field)
+    alias = info.validation_alias if info is not None else None
+    return alias if isinstance(alias, str) else f"TEXTGEN_{field.upper()}"
+
+
+def settings_table() -> str:
+    """The README's table of settings, generated from the fields above."""
+    rows = ["| variable | default | what |", "|---|---|---|"]
+    for name, info in Settings.model_fields.items():
+        default = info.default
+        shown = "" if default is None else f"`{default}`"
+        rows.append(f"| `{env_name(name)}` | {shown} | {info.description or ''} |")
+    return "\n".join(rows)
