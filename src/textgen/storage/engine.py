@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from textgen.settings import Settings
@@ -19,30 +20,47 @@ def sqlite_path(url: str) -> Path | None:
     return Path(database)
 
 
+def _sqlite_session_setup(engine: Engine) -> None:
+    """WAL, a busy timeout, foreign keys, and BEGIN IMMEDIATE: a transaction takes the write lock up front,
+    so concurrent writers (other processes) wait for it instead of failing when they upgrade a read lock."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def sqlite_sync_engine(engine: AsyncEngine) -> Engine:
+    """A synchronous engine on the same SQLite file, used from one dedicated thread.
+
+    A whole transaction then costs one hop to that thread, where aiosqlite costs several per statement.
+    """
+    url = engine.url.set(drivername="sqlite+pysqlite")
+    sync = sa_create_engine(
+        url, pool_size=1, max_overflow=0, pool_timeout=60, connect_args={"check_same_thread": False}
+    )
+    _sqlite_session_setup(sync)
+    return sync
+
+
 def create_engine(settings: Settings) -> AsyncEngine:
     url = settings.database_url
     if settings.is_sqlite:
         path = sqlite_path(url)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-        # One connection per process: every statement is serialised through it, so there is never
-        # lock contention inside a process; BEGIN IMMEDIATE plus busy_timeout covers other processes.
+        # The async engine serves migrations; the store runs its transactions on sqlite_sync_engine().
         engine = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=60)
-
-        @event.listens_for(engine.sync_engine, "connect")
-        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-            dbapi_connection.isolation_level = None
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute("PRAGMA busy_timeout=10000")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.close()
-
-        @event.listens_for(engine.sync_engine, "begin")
-        def _on_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-
+        _sqlite_session_setup(engine.sync_engine)
         return engine
     return create_async_engine(
         url,

@@ -6,21 +6,27 @@ transaction, so concurrent requests cannot overdraw an account and the ledger al
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import datetime as dt
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from textgen.errors import InsufficientCredits, NotFound, StorageUnavailable
 from textgen.notify import DELIVERIES_CHANNEL, TASKS_CHANNEL
+from textgen.storage.engine import sqlite_sync_engine
 from textgen.storage.tables import accounts, ledger, tasks, webhook_attempts, webhook_deliveries
+
+T = TypeVar("T")
 
 TERMINAL = ("done", "failed")
 
@@ -109,6 +115,89 @@ def _task(row: sa.Row[Any]) -> TaskRow:
     return TaskRow(**row._mapping)
 
 
+# Statements of the request path, built once: constructing and cache-keying them per call costs more than
+# executing them on SQLite.
+_b = sa.bindparam
+_ACCOUNT_BY_API_ID = sa.select(accounts).where(accounts.c.api_id == _b("api_id"))
+_ACCOUNT_BY_ID = sa.select(accounts).where(accounts.c.id == _b("account_id"))
+_RESERVE = (
+    accounts.update()
+    .where(accounts.c.id == _b("account_id"), accounts.c.balance >= _b("amount"))
+    .values(balance=accounts.c.balance - _b("amount"))
+    .returning(accounts.c.balance)
+)
+_REFUND = (
+    accounts.update()
+    .where(accounts.c.id == _b("account_id"))
+    .values(balance=accounts.c.balance + _b("amount"))
+    .returning(accounts.c.balance)
+)
+_INSERT_TASK = tasks.insert()
+_INSERT_LEDGER = ledger.insert()
+_INSERT_DELIVERY = webhook_deliveries.insert()
+_TASK_BY_ID = sa.select(tasks).where(tasks.c.id == _b("task_id"))
+_TASK_OF_ACCOUNT = sa.select(tasks).where(tasks.c.id == _b("task_id"), tasks.c.account_id == _b("account_id"))
+_HELD = sa.and_(
+    tasks.c.id == _b("task_id"), tasks.c.status == "running", tasks.c.lease_owner == _b("worker_id")
+)
+_RENEW = tasks.update().where(_HELD).values(lease_expires_at=_b("expires"))
+_RELEASE = (
+    tasks.update()
+    .where(_HELD)
+    .values(status="pending", lease_owner=None, lease_expires_at=None, updated_at=_b("now"))
+)
+# Settles at most the reservation here; a cost above it (rare: the input estimate fell short) is charged
+# afterwards as far as the balance allows.
+_FINISH = (
+    tasks.update()
+    .where(_HELD)
+    .values(
+        status=_b("status"),
+        response_text=_b("response_text"),
+        response_function_calls=_b("response_function_calls", type_=tasks.c.response_function_calls.type),
+        failed_reason=_b("failed_reason"),
+        finish_reason=_b("finish_reason"),
+        input_tokens=_b("input_tokens"),
+        output_tokens=_b("output_tokens"),
+        credits_used=sa.case(
+            (tasks.c.credits_reserved < _b("cost"), tasks.c.credits_reserved), else_=_b("cost")
+        ),
+        lease_owner=None,
+        lease_expires_at=None,
+        updated_at=_b("now"),
+    )
+    .returning(*tasks.c)
+)
+
+
+def _claim_statement(postgres: bool) -> sa.Update:
+    candidate = (
+        sa.select(tasks.c.id)
+        .where(
+            sa.or_(
+                tasks.c.status == "pending",
+                sa.and_(tasks.c.status == "running", tasks.c.lease_expires_at < _b("now")),
+            )
+        )
+        .order_by(tasks.c.created_at)
+        .limit(1)
+    )
+    if postgres:
+        candidate = candidate.with_for_update(skip_locked=True)
+    return (
+        tasks.update()
+        .where(tasks.c.id == candidate.scalar_subquery())
+        .values(
+            status="running",
+            lease_owner=_b("worker_id"),
+            lease_expires_at=_b("expires"),
+            attempts=tasks.c.attempts + 1,
+            updated_at=_b("now"),
+        )
+        .returning(*tasks.c)
+    )
+
+
 def webhook_payload(task: TaskRow) -> dict[str, Any]:
     """The guide's webhook body for a finished task."""
     return {
@@ -122,34 +211,54 @@ def webhook_payload(task: TaskRow) -> dict[str, Any]:
 
 
 class Store:
+    """Each operation is one transaction, written as a function of a (synchronous) connection.
+
+    On SQLite the function runs on one dedicated thread with the standard library driver: a transaction is
+    one hop off the event loop, and every statement of the process is serialised through one connection.
+    On PostgreSQL it runs on the async pool through ``AsyncConnection.run_sync``.
+    """
+
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.is_postgres = engine.dialect.name == "postgresql"
+        self._sqlite = None if self.is_postgres else sqlite_sync_engine(engine)
+        self._thread = (
+            None if self.is_postgres else ThreadPoolExecutor(1, thread_name_prefix="textgen-sqlite")
+        )
+        self._claim = _claim_statement(self.is_postgres)
         # Called after a transaction that queued a webhook delivery commits (wakes the in-process sender).
         self.delivery_listeners: list[Callable[[], None]] = []
 
     async def aclose(self) -> None:
+        if self._sqlite is not None and self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(self._thread, self._sqlite.dispose)
+            self._thread.shutdown(wait=False)
         await self.engine.dispose()
 
-    @asynccontextmanager
-    async def _tx(self) -> AsyncIterator[AsyncConnection]:
-        """A transaction; driver failures leave as StorageUnavailable, never as raw driver errors."""
+    async def _run(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` in a transaction; driver failures leave as StorageUnavailable, never raw."""
         try:
+            if self._sqlite is not None:
+                return await asyncio.get_running_loop().run_in_executor(self._thread, self._in_sqlite, work)
             async with self.engine.begin() as conn:
-                yield conn
+                return await conn.run_sync(work)
         except (sa_exc.IntegrityError, sa_exc.ProgrammingError):
             raise
         except (sa_exc.DBAPIError, sa_exc.TimeoutError, OSError, TimeoutError) as exc:
             raise StorageUnavailable(f"database unavailable: {type(exc).__name__}") from exc
 
-    async def _notify(self, conn: AsyncConnection, channel: str) -> None:
+    def _in_sqlite(self, work: Callable[[Connection], T]) -> T:
+        assert self._sqlite is not None
+        with self._sqlite.begin() as conn:
+            return work(conn)
+
+    def _notify(self, conn: Connection, channel: str) -> None:
         """On PostgreSQL, wake listeners in every process once this transaction commits."""
         if self.is_postgres:
-            await conn.execute(sa.select(sa.func.pg_notify(channel, "")))
+            conn.execute(sa.select(sa.func.pg_notify(channel, "")))
 
     async def ping(self) -> None:
-        async with self._tx() as conn:
-            await conn.execute(sa.text("SELECT 1"))
+        await self._run(lambda conn: conn.execute(sa.text("SELECT 1")))
 
     # ---- accounts -------------------------------------------------------------------------------
 
@@ -166,106 +275,115 @@ class Store:
     ) -> AccountRow:
         """Create an account and record its opening grant in the ledger."""
         now = utcnow()
-        async with self._tx() as conn:
-            row = (
-                await conn.execute(
-                    accounts.insert()
-                    .values(
-                        api_id=api_id,
-                        key_hash=key_hash,
-                        key_prefix=key_prefix,
-                        name=name,
-                        balance=credits,
-                        rate_limit=rate_limit,
-                        webhook_secret=webhook_secret,
-                        created_at=now,
-                    )
-                    .returning(*accounts.c)
+
+        def work(conn: Connection) -> AccountRow:
+            row = conn.execute(
+                accounts.insert()
+                .values(
+                    api_id=api_id,
+                    key_hash=key_hash,
+                    key_prefix=key_prefix,
+                    name=name,
+                    balance=credits,
+                    rate_limit=rate_limit,
+                    webhook_secret=webhook_secret,
+                    created_at=now,
                 )
+                .returning(*accounts.c)
             ).one()
-            await conn.execute(
-                ledger.insert().values(
-                    account_id=row.id, kind="grant", amount=credits, balance_after=credits, created_at=now
-                )
+            conn.execute(
+                _INSERT_LEDGER,
+                {
+                    "account_id": row.id,
+                    "kind": "grant",
+                    "amount": credits,
+                    "balance_after": credits,
+                    "created_at": now,
+                },
             )
-        return _account(row)
+            return _account(row)
+
+        return await self._run(work)
 
     async def count_accounts(self) -> int:
-        async with self._tx() as conn:
-            return int((await conn.execute(sa.select(sa.func.count()).select_from(accounts))).scalar_one())
+        return await self._run(
+            lambda conn: int(conn.execute(sa.select(sa.func.count()).select_from(accounts)).scalar_one())
+        )
 
     async def account_by_api_id(self, api_id: str) -> AccountRow | None:
-        async with self._tx() as conn:
-            row = (await conn.execute(sa.select(accounts).where(accounts.c.api_id == api_id))).first()
+        row = await self._run(lambda conn: conn.execute(_ACCOUNT_BY_API_ID, {"api_id": api_id}).first())
         return _account(row) if row else None
 
     async def account_by_id(self, account_id: int) -> AccountRow:
-        async with self._tx() as conn:
-            row = (await conn.execute(sa.select(accounts).where(accounts.c.id == account_id))).one()
+        row = await self._run(lambda conn: conn.execute(_ACCOUNT_BY_ID, {"account_id": account_id}).one())
         return _account(row)
 
     async def grant(self, api_id: str, amount: int) -> AccountRow:
         """Add (or, negative, remove) credits; the balance never goes below zero."""
-        async with self._tx() as conn:
-            row = (
-                await conn.execute(
-                    accounts.update()
-                    .where(accounts.c.api_id == api_id, accounts.c.balance + amount >= 0)
-                    .values(balance=accounts.c.balance + amount)
-                    .returning(*accounts.c)
-                )
+
+        def work(conn: Connection) -> AccountRow:
+            row = conn.execute(
+                accounts.update()
+                .where(accounts.c.api_id == api_id, accounts.c.balance + amount >= 0)
+                .values(balance=accounts.c.balance + amount)
+                .returning(*accounts.c)
             ).first()
             if row is None:
-                if (await conn.execute(sa.select(accounts.c.id).where(accounts.c.api_id == api_id))).first():
+                if conn.execute(sa.select(accounts.c.id).where(accounts.c.api_id == api_id)).first():
                     raise InsufficientCredits("the balance cannot go below zero")
                 raise NotFound(f"no account with api_id {api_id!r}")
-            await conn.execute(
-                ledger.insert().values(
-                    account_id=row.id,
-                    kind="grant",
-                    amount=amount,
-                    balance_after=row.balance,
-                    created_at=utcnow(),
-                )
+            conn.execute(
+                _INSERT_LEDGER,
+                {
+                    "account_id": row.id,
+                    "kind": "grant",
+                    "amount": amount,
+                    "balance_after": row.balance,
+                    "created_at": utcnow(),
+                },
             )
-        return _account(row)
+            return _account(row)
+
+        return await self._run(work)
 
     async def set_rate_limit(self, api_id: str, rpm: int) -> None:
-        async with self._tx() as conn:
-            await conn.execute(accounts.update().where(accounts.c.api_id == api_id).values(rate_limit=rpm))
+        await self._run(
+            lambda conn: conn.execute(
+                accounts.update().where(accounts.c.api_id == api_id).values(rate_limit=rpm)
+            )
+        )
 
     async def rotate_webhook_secret(self, api_id: str, new_secret: str, grace: dt.timedelta) -> AccountRow:
         """Make ``new_secret`` current; the old one keeps signing until the grace period ends."""
-        async with self._tx() as conn:
-            row = (
-                await conn.execute(
-                    accounts.update()
-                    .where(accounts.c.api_id == api_id)
-                    .values(
-                        webhook_secret_previous=accounts.c.webhook_secret,
-                        webhook_secret_previous_until=utcnow() + grace,
-                        webhook_secret=new_secret,
-                    )
-                    .returning(*accounts.c)
+        row = await self._run(
+            lambda conn: conn.execute(
+                accounts.update()
+                .where(accounts.c.api_id == api_id)
+                .values(
+                    webhook_secret_previous=accounts.c.webhook_secret,
+                    webhook_secret_previous_until=utcnow() + grace,
+                    webhook_secret=new_secret,
                 )
+                .returning(*accounts.c)
             ).first()
+        )
         if row is None:
             raise NotFound(f"no account with api_id {api_id!r}")
         return _account(row)
 
     async def ledger_summary(self, account_id: int) -> LedgerSummary:
-        async with self._tx() as conn:
-            balance = (
-                await conn.execute(sa.select(accounts.c.balance).where(accounts.c.id == account_id))
+        def work(conn: Connection) -> LedgerSummary:
+            balance = conn.execute(
+                sa.select(accounts.c.balance).where(accounts.c.id == account_id)
             ).scalar_one()
-            total = (
-                await conn.execute(
-                    sa.select(sa.func.coalesce(sa.func.sum(ledger.c.amount), 0)).where(
-                        ledger.c.account_id == account_id
-                    )
+            total = conn.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(ledger.c.amount), 0)).where(
+                    ledger.c.account_id == account_id
                 )
             ).scalar_one()
-        return LedgerSummary(balance=int(balance), ledger_sum=int(total))
+            return LedgerSummary(balance=int(balance), ledger_sum=int(total))
+
+        return await self._run(work)
 
     # ---- tasks ----------------------------------------------------------------------------------
 
@@ -286,66 +404,61 @@ class Store:
         With ``lease_owner`` the task starts ``running`` and leased to the caller (sync and stream modes).
         """
         now = utcnow()
-        task_id = str(uuid.uuid4())
-        async with self._tx() as conn:
-            balance_after = (
-                await conn.execute(
-                    accounts.update()
-                    .where(accounts.c.id == account_id, accounts.c.balance >= reserve)
-                    .values(balance=accounts.c.balance - reserve)
-                    .returning(accounts.c.balance)
-                )
-            ).scalar()
+        running = lease_owner is not None
+        task = TaskRow(
+            id=str(uuid.uuid4()),
+            account_id=account_id,
+            model_name=model_name,
+            mode=mode,
+            status="running" if running else "pending",
+            request=request,
+            webhook_url=webhook_url,
+            response_text="",
+            response_function_calls=[],
+            failed_reason="",
+            finish_reason=None,
+            input_tokens=0,
+            output_tokens=0,
+            credits_reserved=reserve,
+            credits_used=0,
+            lease_owner=lease_owner,
+            lease_expires_at=now + dt.timedelta(seconds=lease_seconds) if running else None,
+            attempts=1 if running else 0,
+            created_at=now,
+            updated_at=now,
+        )
+
+        def work(conn: Connection) -> None:
+            balance_after = conn.execute(_RESERVE, {"account_id": account_id, "amount": reserve}).scalar()
             if balance_after is None:
                 raise InsufficientCredits(
                     f"not enough credits: this request may cost up to {reserve / 1_000_000:g} credits"
                 )
-            running = lease_owner is not None
-            row = (
-                await conn.execute(
-                    tasks.insert()
-                    .values(
-                        id=task_id,
-                        account_id=account_id,
-                        model_name=model_name,
-                        mode=mode,
-                        status="running" if running else "pending",
-                        request=request,
-                        webhook_url=webhook_url,
-                        response_text="",
-                        response_function_calls=[],
-                        failed_reason="",
-                        credits_reserved=reserve,
-                        credits_used=0,
-                        lease_owner=lease_owner,
-                        lease_expires_at=now + dt.timedelta(seconds=lease_seconds) if running else None,
-                        attempts=1 if running else 0,
-                        created_at=now,
-                        updated_at=now,
-                    )
-                    .returning(*tasks.c)
-                )
-            ).one()
-            await conn.execute(
-                ledger.insert().values(
-                    account_id=account_id,
-                    task_id=task_id,
-                    kind="reserve",
-                    amount=-reserve,
-                    balance_after=balance_after,
-                    created_at=now,
-                )
+            conn.execute(_INSERT_TASK, _task_values(task))
+            conn.execute(
+                _INSERT_LEDGER,
+                {
+                    "account_id": account_id,
+                    "task_id": task.id,
+                    "kind": "reserve",
+                    "amount": -reserve,
+                    "balance_after": balance_after,
+                    "created_at": now,
+                },
             )
             if not running:
-                await self._notify(conn, TASKS_CHANNEL)
-        return _task(row)
+                self._notify(conn, TASKS_CHANNEL)
+
+        await self._run(work)
+        return task
 
     async def get_task(self, task_id: str, account_id: int | None = None) -> TaskRow:
-        query = sa.select(tasks).where(tasks.c.id == task_id)
-        if account_id is not None:
-            query = query.where(tasks.c.account_id == account_id)
-        async with self._tx() as conn:
-            row = (await conn.execute(query)).first()
+        params: dict[str, Any]
+        if account_id is None:
+            statement, params = _TASK_BY_ID, {"task_id": task_id}
+        else:
+            statement, params = _TASK_OF_ACCOUNT, {"task_id": task_id, "account_id": account_id}
+        row = await self._run(lambda conn: conn.execute(statement, params).first())
         if row is None:
             raise NotFound(f"task {task_id} not found")
         return _task(row)
@@ -379,8 +492,8 @@ class Store:
                     < sa.tuple_(sa.literal(after.created_at, tasks.c.created_at.type), sa.literal(after.id))
                 )
             query = query.order_by(tasks.c.created_at.desc(), tasks.c.id.desc())
-        async with self._tx() as conn:
-            rows = [_task(r) for r in (await conn.execute(query.limit(limit + 1))).all()]
+        final = query.limit(limit + 1)
+        rows = await self._run(lambda conn: [_task(r) for r in conn.execute(final).all()])
         more = len(rows) > limit
         rows = rows[:limit]
         if before is not None:
@@ -390,58 +503,29 @@ class Store:
     async def claim_task(self, worker_id: str, lease_seconds: float) -> TaskRow | None:
         """Atomically take the oldest pending task, or a running one whose lease has expired."""
         now = utcnow()
-        candidate = (
-            sa.select(tasks.c.id)
-            .where(
-                sa.or_(
-                    tasks.c.status == "pending",
-                    sa.and_(tasks.c.status == "running", tasks.c.lease_expires_at < now),
-                )
-            )
-            .order_by(tasks.c.created_at)
-            .limit(1)
-        )
-        if self.is_postgres:
-            candidate = candidate.with_for_update(skip_locked=True)
-        async with self._tx() as conn:
-            row = (
-                await conn.execute(
-                    tasks.update()
-                    .where(tasks.c.id == candidate.scalar_subquery())
-                    .values(
-                        status="running",
-                        lease_owner=worker_id,
-                        lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
-                        attempts=tasks.c.attempts + 1,
-                        updated_at=now,
-                    )
-                    .returning(*tasks.c)
-                )
-            ).first()
+        params = {"now": now, "worker_id": worker_id, "expires": now + dt.timedelta(seconds=lease_seconds)}
+        row = await self._run(lambda conn: conn.execute(self._claim, params).first())
         return _task(row) if row else None
 
     async def renew_lease(self, task_id: str, worker_id: str, lease_seconds: float) -> bool:
         """Extend a held lease; False when the lease was lost to another worker."""
-        now = utcnow()
-        async with self._tx() as conn:
-            result = await conn.execute(
-                tasks.update()
-                .where(tasks.c.id == task_id, tasks.c.status == "running", tasks.c.lease_owner == worker_id)
-                .values(lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
-            )
-        return bool(result.rowcount)
+        params = {
+            "task_id": task_id,
+            "worker_id": worker_id,
+            "expires": utcnow() + dt.timedelta(seconds=lease_seconds),
+        }
+        return await self._run(lambda conn: bool(conn.execute(_RENEW, params).rowcount))
 
     async def release_task(self, task_id: str, worker_id: str) -> bool:
         """Give a running task back to the queue (graceful shutdown)."""
-        async with self._tx() as conn:
-            result = await conn.execute(
-                tasks.update()
-                .where(tasks.c.id == task_id, tasks.c.status == "running", tasks.c.lease_owner == worker_id)
-                .values(status="pending", lease_owner=None, lease_expires_at=None, updated_at=utcnow())
-            )
+
+        def work(conn: Connection) -> bool:
+            result = conn.execute(_RELEASE, {"task_id": task_id, "worker_id": worker_id, "now": utcnow()})
             if result.rowcount:
-                await self._notify(conn, TASKS_CHANNEL)
-        return bool(result.rowcount)
+                self._notify(conn, TASKS_CHANNEL)
+            return bool(result.rowcount)
+
+        return await self._run(work)
 
     async def finish_task(
         self,
@@ -455,85 +539,86 @@ class Store:
         Returns None (and changes nothing) when ``worker_id`` no longer holds the task's lease.
         """
         now = utcnow()
-        async with self._tx() as conn:
-            current = (
-                await conn.execute(
-                    sa.select(tasks.c.account_id, tasks.c.credits_reserved).where(
-                        tasks.c.id == task_id, tasks.c.status == "running", tasks.c.lease_owner == worker_id
-                    )
-                )
+        cost = max(outcome.cost, 0)
+
+        def work(conn: Connection) -> TaskRow | None:
+            row = conn.execute(
+                _FINISH,
+                {
+                    "task_id": task_id,
+                    "worker_id": worker_id,
+                    "status": outcome.status,
+                    "response_text": outcome.response_text,
+                    "response_function_calls": outcome.function_calls,
+                    "failed_reason": outcome.failed_reason,
+                    "finish_reason": outcome.finish_reason,
+                    "input_tokens": outcome.input_tokens,
+                    "output_tokens": outcome.output_tokens,
+                    "cost": cost,
+                    "now": now,
+                },
             ).first()
-            if current is None:
+            if row is None:
                 return None
-            reserved = int(current.credits_reserved)
-            account_q = sa.select(accounts.c.balance).where(accounts.c.id == current.account_id)
-            if self.is_postgres:
-                account_q = account_q.with_for_update()
-            balance = int((await conn.execute(account_q)).scalar_one())
-            # A cost above the reservation (an input estimate that fell short) is charged only as far as
-            # the balance allows: the balance never goes negative and credits_used stays what was charged.
-            charged = min(max(outcome.cost, 0), reserved + balance)
-            refund = reserved - charged
-            new_balance = balance + refund
-            await conn.execute(
-                accounts.update().where(accounts.c.id == current.account_id).values(balance=new_balance)
-            )
-            await conn.execute(
-                ledger.insert().values(
-                    account_id=current.account_id,
-                    task_id=task_id,
-                    kind="settle" if outcome.status == "done" else "release",
-                    amount=refund,
-                    balance_after=new_balance,
-                    created_at=now,
-                )
-            )
-            row = (
-                await conn.execute(
-                    tasks.update()
-                    .where(tasks.c.id == task_id)
-                    .values(
-                        status=outcome.status,
-                        response_text=outcome.response_text,
-                        response_function_calls=outcome.function_calls,
-                        failed_reason=outcome.failed_reason,
-                        finish_reason=outcome.finish_reason,
-                        input_tokens=outcome.input_tokens,
-                        output_tokens=outcome.output_tokens,
-                        credits_used=charged,
-                        lease_owner=None,
-                        lease_expires_at=None,
-                        updated_at=now,
-                    )
-                    .returning(*tasks.c)
-                )
-            ).one()
             task = _task(row)
-            if task.webhook_url:
-                await conn.execute(
-                    webhook_deliveries.insert().values(
-                        id=delivery_id(),
-                        task_id=task.id,
-                        account_id=task.account_id,
-                        url=task.webhook_url,
-                        payload=json.dumps(webhook_payload(task), separators=(",", ":")),
-                        status="pending",
-                        attempt_count=0,
-                        next_attempt_at=now,
-                        created_at=now,
-                        updated_at=now,
+            refund = task.credits_reserved - task.credits_used
+            balance = conn.execute(_REFUND, {"account_id": task.account_id, "amount": refund}).scalar_one()
+            if cost > task.credits_used:
+                # Charged only as far as the balance allows: it never goes negative, and credits_used stays
+                # what was actually charged.
+                extra = min(cost - task.credits_used, int(balance))
+                if extra > 0:
+                    balance = conn.execute(
+                        _REFUND, {"account_id": task.account_id, "amount": -extra}
+                    ).scalar_one()
+                    conn.execute(
+                        tasks.update()
+                        .where(tasks.c.id == task_id)
+                        .values(credits_used=task.credits_used + extra)
                     )
+                    task = dataclasses.replace(task, credits_used=task.credits_used + extra)
+                    refund -= extra
+            conn.execute(
+                _INSERT_LEDGER,
+                {
+                    "account_id": task.account_id,
+                    "task_id": task_id,
+                    "kind": "settle" if outcome.status == "done" else "release",
+                    "amount": refund,
+                    "balance_after": balance,
+                    "created_at": now,
+                },
+            )
+            if task.webhook_url:
+                conn.execute(
+                    _INSERT_DELIVERY,
+                    {
+                        "id": delivery_id(),
+                        "task_id": task.id,
+                        "account_id": task.account_id,
+                        "url": task.webhook_url,
+                        "payload": json.dumps(webhook_payload(task), separators=(",", ":")),
+                        "status": "pending",
+                        "attempt_count": 0,
+                        "next_attempt_at": now,
+                        "created_at": now,
+                        "updated_at": now,
+                    },
                 )
-                await self._notify(conn, DELIVERIES_CHANNEL)
-        if task.webhook_url:
+                self._notify(conn, DELIVERIES_CHANNEL)
+            return task
+
+        task = await self._run(work)
+        if task is not None and task.webhook_url:
             self._deliveries_queued()
         return task
 
     async def task_counts(self) -> dict[str, int]:
-        async with self._tx() as conn:
-            rows = (
-                await conn.execute(sa.select(tasks.c.status, sa.func.count()).group_by(tasks.c.status))
+        rows = await self._run(
+            lambda conn: conn.execute(
+                sa.select(tasks.c.status, sa.func.count()).group_by(tasks.c.status)
             ).all()
+        )
         return {str(status): int(count) for status, count in rows}
 
     # ---- webhook deliveries (the outbox) --------------------------------------------------------
@@ -542,54 +627,52 @@ class Store:
         """Queue a new delivery of a finished task's payload (redelivery)."""
         now = utcnow()
         delivery = f"msg_{uuid.uuid4().hex}"
-        async with self._tx() as conn:
-            await conn.execute(
-                webhook_deliveries.insert().values(
-                    id=delivery,
-                    task_id=task.id,
-                    account_id=task.account_id,
-                    url=url,
-                    payload=json.dumps(webhook_payload(task), separators=(",", ":")),
-                    status="pending",
-                    attempt_count=0,
-                    next_attempt_at=now,
-                    created_at=now,
-                    updated_at=now,
-                )
+
+        def work(conn: Connection) -> None:
+            conn.execute(
+                _INSERT_DELIVERY,
+                {
+                    "id": delivery,
+                    "task_id": task.id,
+                    "account_id": task.account_id,
+                    "url": url,
+                    "payload": json.dumps(webhook_payload(task), separators=(",", ":")),
+                    "status": "pending",
+                    "attempt_count": 0,
+                    "next_attempt_at": now,
+                    "created_at": now,
+                    "updated_at": now,
+                },
             )
-            await self._notify(conn, DELIVERIES_CHANNEL)
+            self._notify(conn, DELIVERIES_CHANNEL)
+
+        await self._run(work)
         self._deliveries_queued()
         return delivery
 
     async def deliveries_for_task(self, task_id: str) -> list[dict[str, Any]]:
-        async with self._tx() as conn:
-            deliveries = (
-                await conn.execute(
-                    sa.select(webhook_deliveries)
-                    .where(webhook_deliveries.c.task_id == task_id)
-                    .order_by(webhook_deliveries.c.created_at)
-                )
+        def work(conn: Connection) -> tuple[list[Any], list[Any]]:
+            deliveries = conn.execute(
+                sa.select(webhook_deliveries)
+                .where(webhook_deliveries.c.task_id == task_id)
+                .order_by(webhook_deliveries.c.created_at)
             ).all()
-            attempts = (
-                await conn.execute(
-                    sa.select(webhook_attempts)
-                    .where(webhook_attempts.c.delivery_id.in_([d.id for d in deliveries]))
-                    .order_by(webhook_attempts.c.id)
-                )
+            attempts = conn.execute(
+                sa.select(webhook_attempts)
+                .where(webhook_attempts.c.delivery_id.in_([d.id for d in deliveries]))
+                .order_by(webhook_attempts.c.id)
             ).all()
-        out = []
-        for d in deliveries:
-            out.append(
-                {
-                    **{
-                        k: v
-                        for k, v in d._mapping.items()
-                        if k not in ("payload", "locked_by", "locked_until")
-                    },
-                    "attempts": [dict(a._mapping) for a in attempts if a.delivery_id == d.id],
-                }
-            )
-        return out
+            return list(deliveries), list(attempts)
+
+        deliveries, attempts = await self._run(work)
+        hidden = ("payload", "locked_by", "locked_until")
+        return [
+            {
+                **{k: v for k, v in d._mapping.items() if k not in hidden},
+                "attempts": [dict(a._mapping) for a in attempts if a.delivery_id == d.id],
+            }
+            for d in deliveries
+        ]
 
     # ---- webhook delivery sender (claims, attempts, outcomes) -----------------------------------
 
@@ -612,15 +695,13 @@ class Store:
         candidates = sa.select(d.c.id).where(due).order_by(d.c.next_attempt_at, d.c.id).limit(limit)
         if self.is_postgres:
             candidates = candidates.with_for_update(skip_locked=True)
-        async with self._tx() as conn:
-            rows = (
-                await conn.execute(
-                    d.update()
-                    .where(d.c.id.in_(candidates), due)
-                    .values(locked_by=worker_id, locked_until=now + dt.timedelta(seconds=lease_seconds))
-                    .returning(*d.c)
-                )
-            ).all()
+        statement = (
+            d.update()
+            .where(d.c.id.in_(candidates), due)
+            .values(locked_by=worker_id, locked_until=now + dt.timedelta(seconds=lease_seconds))
+            .returning(*d.c)
+        )
+        rows = await self._run(lambda conn: conn.execute(statement).all())
         claimed = [DeliveryRow(**r._mapping) for r in rows]
         return sorted(claimed, key=lambda r: (r.next_attempt_at or now, r.id))
 
@@ -631,8 +712,9 @@ class Store:
         (False otherwise: the lock expired and another sender took the delivery over).
         """
         d = webhook_deliveries
-        async with self._tx() as conn:
-            await conn.execute(
+
+        def work(conn: Connection) -> bool:
+            conn.execute(
                 webhook_attempts.insert().values(
                     delivery_id=delivery_id,
                     attempted_at=attempt.attempted_at,
@@ -642,7 +724,7 @@ class Store:
                     next_attempt_at=attempt.next_attempt_at,
                 )
             )
-            result = await conn.execute(
+            result = conn.execute(
                 d.update()
                 .where(d.c.id == delivery_id, d.c.status == "pending", d.c.locked_by == worker_id)
                 .values(
@@ -654,18 +736,23 @@ class Store:
                     updated_at=utcnow(),
                 )
             )
-        return bool(result.rowcount)
+            return bool(result.rowcount)
+
+        return await self._run(work)
 
     async def release_deliveries(self, worker_id: str) -> int:
         """Unlock every delivery ``worker_id`` holds (shutdown), so another sender can retry it at once."""
         d = webhook_deliveries
-        async with self._tx() as conn:
-            result = await conn.execute(
-                d.update()
-                .where(d.c.locked_by == worker_id, d.c.status == "pending")
-                .values(locked_by=None, locked_until=None)
-            )
-        return int(result.rowcount)
+        statement = (
+            d.update()
+            .where(d.c.locked_by == worker_id, d.c.status == "pending")
+            .values(locked_by=None, locked_until=None)
+        )
+        return await self._run(lambda conn: int(conn.execute(statement).rowcount))
+
+
+def _task_values(task: TaskRow) -> dict[str, Any]:
+    return {name: getattr(task, name) for name in TaskRow.__dataclass_fields__}
 
 
 @dataclass(frozen=True, slots=True)
