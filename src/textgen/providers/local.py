@@ -11,6 +11,7 @@ conversations cheaper. Structured output and function calls are enforced by gram
 from __future__ import annotations
 
 import asyncio
+import atexit
 import codecs
 import contextlib
 import logging
@@ -263,6 +264,16 @@ class _FairPool:
         return {account: len(queue) for account, queue in self.waiting.items()}
 
 
+def _close_llama_devnull() -> None:
+    # llama-cpp-python opens two os.devnull files at import and never closes them (a ResourceWarning at exit).
+    from llama_cpp import _utils
+
+    for name in ("outnull_file", "errnull_file"):
+        handle = getattr(_utils, name, None)
+        if handle is not None:
+            handle.close()
+
+
 class LocalProvider:
     """Serves the catalog's ``local`` models from a pool of llama.cpp instances."""
 
@@ -286,6 +297,8 @@ class LocalProvider:
     def load(self) -> None:
         """Load the model instances (blocking: call it from a thread)."""
         from llama_cpp import Llama
+
+        atexit.register(_close_llama_devnull)
 
         try:
             for index in range(self.instances):
