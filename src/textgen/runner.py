@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 from textgen.catalog import Pricing
 from textgen.errors import StorageUnavailable, TextgenError, UpstreamError
@@ -22,6 +23,29 @@ INTERRUPTED_STREAM = "interrupted: the server stopped while this task was stream
 
 def generation_input(task: TaskRow) -> GenerationInput:
     return GenerationInput.model_validate({**task.request, "model_name": task.model_name}, strict=False)
+
+
+async def hold_lease(
+    store: Store,
+    task_id: str,
+    worker_id: str,
+    lease_seconds: float,
+    on_lost: Callable[[], object] | None = None,
+) -> None:
+    """Renew a task's lease until cancelled; ``on_lost`` runs if another worker has taken the task over."""
+    interval = max(lease_seconds / 3, 0.05)
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            held = await store.renew_lease(task_id, worker_id, lease_seconds)
+        except StorageUnavailable as exc:
+            log.warning("task %s: lease renewal failed (%s); will retry", task_id, exc)
+            continue
+        if not held:
+            log.warning("task %s: lease lost; abandoning generation", task_id)
+            if on_lost is not None:
+                on_lost()
+            return
 
 
 class Runner:
@@ -54,7 +78,9 @@ class Runner:
         # The generation runs in a copy of this context: providers queue fairly by the account set here.
         current_account.set(str(task.account_id))
         generation = asyncio.ensure_future(provider.generate(spec, request))
-        heartbeat = asyncio.ensure_future(self._heartbeat(task.id, worker_id, generation))
+        heartbeat = asyncio.ensure_future(
+            hold_lease(self.store, task.id, worker_id, self.lease_seconds, on_lost=generation.cancel)
+        )
         started = time.perf_counter()
         try:
             result: Generation = await generation
@@ -90,20 +116,6 @@ class Runner:
             output_tokens=result.output_tokens,
             cost=self.pricing.cost(spec, result.input_tokens, result.output_tokens),
         )
-
-    async def _heartbeat(self, task_id: str, worker_id: str, generation: asyncio.Future[Generation]) -> None:
-        interval = max(self.lease_seconds / 3, 0.05)
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                held = await self.store.renew_lease(task_id, worker_id, self.lease_seconds)
-            except StorageUnavailable as exc:
-                log.warning("task %s: lease renewal failed (%s); will retry", task_id, exc)
-                continue
-            if not held:
-                log.warning("task %s: lease lost; abandoning generation", task_id)
-                generation.cancel()
-                return
 
     async def finish(self, task_id: str, worker_id: str, outcome: Outcome) -> TaskRow | None:
         """Record an outcome, retrying through short database outages; the lease makes it exactly-once."""

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from textgen.catalog import from_micro
-from textgen.errors import StorageUnavailable, TextgenError, UpstreamError
+from textgen.errors import TextgenError, UpstreamError
 from textgen.protocol import StreamRequest
 from textgen.providers import FunctionCall, Generation, StreamChunk
 from textgen.providers.base import current_account
+from textgen.runner import hold_lease
 from textgen.storage.store import AccountRow, Outcome, TaskRow
 from textgen.tasks import TaskService
 from textgen.timing import add_upstream
@@ -96,6 +97,7 @@ class StreamSession:
         task: TaskRow,
         chunks: AsyncIterator[StreamChunk],
         first: StreamChunk | None,
+        heartbeat: asyncio.Future[None],
     ) -> None:
         self.service = service
         self.task = task
@@ -103,7 +105,7 @@ class StreamSession:
         self._first = first
         self._acc = _Accumulated()
         self._finished = False
-        self._heartbeat = asyncio.ensure_future(self._renew_lease())
+        self._heartbeat = heartbeat
 
     @classmethod
     async def open(cls, service: TaskService, account: AccountRow, request: StreamRequest) -> StreamSession:
@@ -119,6 +121,10 @@ class StreamSession:
             lease_owner=service.worker_id,
             lease_seconds=service.lease_seconds,
         )
+        # Held from the start: a slow first chunk must not let another worker take the task over.
+        heartbeat = asyncio.ensure_future(
+            hold_lease(service.store, task.id, service.worker_id, service.lease_seconds)
+        )
         current_account.set(str(account.id))  # fair queueing across accounts on the local model
         chunks = provider.stream(spec, request).__aiter__()
         started = time.perf_counter()
@@ -127,6 +133,7 @@ class StreamSession:
         except StopAsyncIteration:
             first = None
         except BaseException as exc:
+            heartbeat.cancel()
             with contextlib.suppress(Exception):
                 await chunks.aclose()  # type: ignore[attr-defined]
             reason = (
@@ -142,7 +149,7 @@ class StreamSession:
             raise UpstreamError(reason) from exc
         finally:
             add_upstream(time.perf_counter() - started)
-        return cls(service, task, chunks, first)
+        return cls(service, task, chunks, first, heartbeat)
 
     async def events(self) -> AsyncIterator[StreamEvent]:
         """Gemini-native chunks; the last also carries ``creatify: {id, credits_used}``."""
@@ -158,10 +165,15 @@ class StreamSession:
                     except StopAsyncIteration:
                         break
                 self._acc.add(chunk)
-                # Hold each chunk back by one so the last can carry the settled credits.
-                if held is not None:
+                if held is not None:  # something followed a finishing chunk: it was not the last after all
                     yield StreamEvent(gemini_chunk(held, self.task.model_name, self.task.id))
-                held = chunk
+                    held = None
+                # Every chunk goes out as it arrives, except the one that finishes the generation: it waits for
+                # the settlement so that it can carry the credits actually charged.
+                if chunk.finish_reason:
+                    held = chunk
+                else:
+                    yield StreamEvent(gemini_chunk(chunk, self.task.model_name, self.task.id))
         except TextgenError as exc:
             await self._finish(Outcome(status="failed", failed_reason=exc.message))
             yield self._error_event(exc.message, getattr(exc, "status_code", 502))
@@ -209,12 +221,3 @@ class StreamSession:
         self._finished = True
         self._heartbeat.cancel()
         return await self.service.runner.finish(self.task.id, self.service.worker_id, outcome)
-
-    async def _renew_lease(self) -> None:
-        interval = max(self.service.lease_seconds / 3, 0.05)
-        while True:
-            await asyncio.sleep(interval)
-            with contextlib.suppress(StorageUnavailable):
-                await self.service.store.renew_lease(
-                    self.task.id, self.service.worker_id, self.service.lease_seconds
-                )
