@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -15,7 +14,9 @@ from typing import Any
 import httpx
 from standardwebhooks import Webhook
 
-from tests.test_webhooks import Answer, Receiver, listening_socket, serve_receiver
+from tests.processes import free_port
+from tests.processes import textgen_env as base_env
+from tests.test_webhooks import Answer, Receiver, serve_receiver
 
 LOCAL_BODY = {
     "model_name": "smollm2-135m-instruct",
@@ -29,8 +30,7 @@ def local_body(webhook_url: str) -> dict[str, Any]:
 
 
 def textgen_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TEXTGEN_")}
-    env.update(
+    return base_env(
         TEXTGEN_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/textgen.db",
         TEXTGEN_WEBHOOK_ALLOW_PRIVATE="true",
         TEXTGEN_WEBHOOK_JITTER="0",
@@ -40,7 +40,6 @@ def textgen_env(tmp_path: Path, **extra: str) -> dict[str, str]:
         TEXTGEN_LOG_LEVEL="warning",
         **extra,
     )
-    return env
 
 
 async def textgen(env: dict[str, str], *args: str) -> str:
@@ -56,11 +55,6 @@ async def textgen(env: dict[str, str], *args: str) -> str:
     out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
     return out.decode()
-
-
-def free_port() -> int:
-    with listening_socket() as sock:
-        return int(sock.getsockname()[1])
 
 
 @asynccontextmanager

@@ -122,23 +122,16 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        extra = [asyncio.create_task(hook(svc)) for hook in worker_hooks]
         run = asyncio.create_task(svc.worker.run(burst=args.burst))
         waiter = asyncio.create_task(stop.wait())
         await asyncio.wait([run, waiter], return_when=asyncio.FIRST_COMPLETED)
         logging.getLogger("textgen.worker").info("worker stopping")
-        for task in extra:
-            task.cancel()
         await svc.aclose()
         waiter.cancel()
-        await asyncio.gather(run, *extra, waiter, return_exceptions=True)
+        await asyncio.gather(run, waiter, return_exceptions=True)
 
     asyncio.run(main())
     return 0
-
-
-# Coroutines run beside the task worker in ``textgen worker`` (the webhook sender registers here).
-worker_hooks: list[Any] = []
 
 
 def cmd_accounts(settings: Settings, args: argparse.Namespace) -> int:

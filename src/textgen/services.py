@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,10 +37,9 @@ def default_providers(settings: Settings) -> dict[str, Provider]:
             threads=settings.local_threads,
         )
     }
-    with contextlib.suppress(ImportError):
-        from textgen.providers.gemini import GeminiProvider
+    from textgen.providers.gemini import GeminiProvider
 
-        providers["gemini"] = GeminiProvider(settings)
+    providers["gemini"] = GeminiProvider(settings)
     return providers
 
 

@@ -18,6 +18,8 @@ from textgen.http import routes
 from textgen.http.errors import handle
 from textgen.http.middleware import RequestContextMiddleware
 from textgen.http.openapi import build_openapi
+from textgen.http.streaming import stream_task
+from textgen.http.webhooks import webhook_routes
 from textgen.providers import Provider
 from textgen.services import ProviderFactory, Services, default_providers
 from textgen.settings import Settings
@@ -46,36 +48,19 @@ def create_app(
         await svc.start_providers()
         if settings.run_worker if run_worker is None else run_worker:
             await svc.start_worker()
-        for hook in app.state.startup_hooks:
-            await hook(svc)
         try:
             yield {}
         finally:
             await svc.aclose()
 
-    stream_routes: list[Route] = []
-    try:
-        from textgen.http.streaming import stream_task
-
-        stream_routes.append(Route("/sse/text_generator/stream/", stream_task, methods=["POST"]))
-    except ImportError:
-        pass
-    extra_routes: list[Route] = []
-    try:
-        from textgen.http.webhooks import webhook_routes
-
-        extra_routes.extend(webhook_routes())
-    except ImportError:
-        pass
-
     app = Starlette(
         routes=[
             Route("/sse/text_generator/", routes.create_task, methods=["POST"]),
             Route("/sse/text_generator/", routes.list_tasks, methods=["GET"]),
-            *stream_routes,
+            Route("/sse/text_generator/stream/", stream_task, methods=["POST"]),
             Route("/sse/text_generator/{task_id:str}/", routes.get_task, methods=["GET"]),
             Route("/api/text_generator/{task_id:str}/", routes.get_task, methods=["GET"]),
-            *extra_routes,
+            *webhook_routes(),
             Route("/api/remaining_credits/", routes.remaining_credits, methods=["GET"]),
             Route("/sse/models/", routes.list_models, methods=["GET"]),
             Route("/healthz", routes.healthz, methods=["GET"]),
@@ -93,5 +78,4 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.openapi = build_openapi()
-    app.state.startup_hooks = []
     return app

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from alembic import command
 from alembic.config import Config
 
@@ -20,7 +18,3 @@ def alembic_config(database_url: str) -> Config:
 def upgrade(settings: Settings, revision: str = "head") -> None:
     """Bring the database to ``revision``; safe to run on every start."""
     command.upgrade(alembic_config(settings.database_url), revision)
-
-
-async def upgrade_async(settings: Settings) -> None:
-    await asyncio.to_thread(upgrade, settings)
