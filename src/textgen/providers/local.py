@@ -35,7 +35,14 @@ from textgen.providers.base import (
     current_account,
     estimate_prompt_tokens,
 )
-from textgen.providers.local_output import OutputPlan, plan_output, render_messages
+from textgen.providers.local_output import (
+    CALL_THRESHOLD,
+    OutputPlan,
+    ToolChoice,
+    plan_output,
+    render_messages,
+    tool_choice,
+)
 
 __all__ = ["LocalJob", "LocalProvider", "bundled_model_path", "default_instances", "render_messages"]
 
@@ -80,6 +87,20 @@ class LocalJob:
     grammar: str | None = None  # GBNF constraining the output
     output: OutputPlan = field(default_factory=OutputPlan)
     account: str | None = None  # whose request this is, for fair queueing
+    choice: CallChoice | None = None  # AUTO / VALIDATED: this job answers in text, or one of these calls
+
+
+@dataclass(slots=True)
+class CallChoice:
+    """The call jobs an ``AUTO`` / ``VALIDATED`` request may become instead of its text answer."""
+
+    query: str
+    descriptions: dict[str, str]
+    calls: dict[str, LocalJob]
+
+
+# At most this many tokens of a request or a description are scored when choosing a call.
+_SCORED_TOKENS = 96
 
 
 class _Cancelled(Exception):
@@ -127,6 +148,55 @@ class _Engine:
             return "llama.cpp rejected the grammar built for this request"
         llama_cpp.llama_sampler_free(sampler)
         return None
+
+    def _continuation_logprob(self, context: str, text: str) -> tuple[float, int]:
+        """log P(text | context) under the model, in nats, and the number of tokens of ``text``."""
+        import numpy as np
+        from llama_cpp._internals import LlamaBatch
+
+        llm = self.llm
+        head = llm.tokenize(context.encode(), add_bos=False, special=False)[-_SCORED_TOKENS:]
+        tail = llm.tokenize(f" {text}".encode(), add_bos=False, special=False)[:_SCORED_TOKENS]
+        tokens = head + tail
+        llm.reset()
+        llm._ctx.kv_cache_clear()
+        batch = LlamaBatch(n_tokens=len(tokens), embd=0, n_seq_max=1, verbose=False)
+        try:
+            batch.set_batch(batch=tokens, n_past=0, logits_all=True)
+            llm._ctx.decode(batch)
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(tokens), llm.n_vocab()))
+            rows = logits[len(head) - 1 : len(tokens) - 1].astype(np.float64)
+        finally:
+            batch.close()  # type: ignore[no-untyped-call]
+            llm._ctx.kv_cache_clear()
+        top = rows.max(axis=1)
+        log_norm = top + np.log(np.exp(rows - top[:, None]).sum(axis=1))
+        picked = rows[np.arange(len(tail)), tail]
+        return float((picked - log_norm).sum()), len(tail)
+
+    def relevance(self, query: str, descriptions: dict[str, str]) -> dict[str, float]:
+        """How much each description raises the model's likelihood of the request, per token of it.
+
+        The pointwise mutual information log P(query | "<description>\nExample request:") - log P(query |
+        "Example request:"), averaged over the query's tokens: positive when the model finds the request
+        more likely as a request for that function than as a request at all. Deterministic (no sampling).
+        """
+        base, n = self._continuation_logprob("Example request:", query)
+        scores = {}
+        for name, description in descriptions.items():
+            given, _ = self._continuation_logprob(f"{description}\nExample request:", query)
+            scores[name] = (given - base) / max(n, 1)
+        self.cached = ""  # the KV cache no longer holds a prompt
+        return scores
+
+    def choose(self, job: LocalJob) -> LocalJob:
+        """The job to run: ``job`` itself (text), or the call its choice makes when one is relevant enough."""
+        if job.choice is None:
+            return job
+        scores = self.relevance(job.choice.query, job.choice.descriptions)
+        best = max(scores, key=lambda name: scores[name])
+        log.debug("tool choice for %r: %s", job.choice.query[:80], scores)
+        return job.choice.calls[best] if scores[best] > CALL_THRESHOLD else job
 
     def run(
         self, job: LocalJob, emit: Callable[[str, int, int, str | None], None], cancel: threading.Event
@@ -336,12 +406,17 @@ class LocalProvider:
         return bool(self._engines)
 
     def check(self, spec: ModelSpec, request: GenerationInput) -> None:
-        """Build the request's grammar now, so an unusable schema is a 400 before any task exists."""
-        plan = plan_output(request)
-        if plan.grammar is not None and self._engines:
-            problem = self._engines[0].grammar_error(plan.grammar)
-            if problem is not None:
-                raise BadRequest(f"config.response_json_schema / tools: {problem}")
+        """Build the request's grammars now, so an unusable schema is a 400 before any task exists."""
+        narrowed = tool_choice(request)
+        requests = (
+            [narrowed.text, *narrowed.calls.values()] if isinstance(narrowed, ToolChoice) else [narrowed]
+        )
+        for each in requests:
+            plan = plan_output(each)
+            if plan.grammar is not None and self._engines:
+                problem = self._engines[0].grammar_error(plan.grammar)
+                if problem is not None:
+                    raise BadRequest(f"config.response_json_schema / tools: {problem}")
 
     def count_input_tokens(self, spec: ModelSpec, request: GenerationInput) -> int:
         estimate = estimate_prompt_tokens(request)
@@ -349,6 +424,18 @@ class LocalProvider:
         return estimate + (400 if request.function_declarations else 0)
 
     def job(self, spec: ModelSpec, request: GenerationInput) -> LocalJob:
+        narrowed = tool_choice(request)
+        if not isinstance(narrowed, ToolChoice):
+            return self._job(spec, narrowed)
+        job = self._job(spec, narrowed.text)
+        job.choice = CallChoice(
+            query=narrowed.query,
+            descriptions=narrowed.descriptions,
+            calls={name: self._job(spec, each) for name, each in narrowed.calls.items()},
+        )
+        return job
+
+    def _job(self, spec: ModelSpec, request: GenerationInput) -> LocalJob:
         cfg = request.config
         plan = plan_output(request)
         return LocalJob(
@@ -360,8 +447,8 @@ class LocalProvider:
             presence_penalty=cfg.presence_penalty or 0.0,
             frequency_penalty=cfg.frequency_penalty or 0.0,
             seed=cfg.seed,
-            # A stop sequence must not cut a forced function call in half.
-            stop=[] if plan.calls == "always" else list(cfg.stop_sequences or []),
+            # A stop sequence must not cut a function call in half.
+            stop=[] if plan.calls else list(cfg.stop_sequences or []),
             grammar=plan.grammar,
             output=plan,
         )
@@ -411,7 +498,9 @@ class LocalProvider:
 
         def produce() -> None:
             try:
-                engine.run(job, emit, cancel)
+                chosen = engine.choose(job)
+                loop.call_soon_threadsafe(queue.put_nowait, ("job", chosen))
+                engine.run(chosen, emit, cancel)
                 loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
             except _Cancelled:
                 loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
@@ -425,12 +514,14 @@ class LocalProvider:
         try:
             while True:
                 kind, payload = await queue.get()
-                if kind == "chunk":
+                if kind == "job":
+                    plan, job = payload.output, payload
+                elif kind == "chunk":
                     delta, prompt_tokens, output_tokens, finish = payload
                     raw += delta
                     if finish is None:
-                        if plan.is_call(raw) is not False or len(raw) == released:
-                            continue  # a call (or not yet known): held back until it is complete
+                        if plan.calls or len(raw) == released:
+                            continue  # a call is held back until it is complete
                         text, released = raw[released:], len(raw)
                         yield StreamChunk(
                             text=text,

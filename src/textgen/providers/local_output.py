@@ -5,12 +5,13 @@ the declarations and the exact call format are described in a system-prompt sect
 makes the sampler produce only what the request allows:
 
 - ``ANY``: the whole answer is ``{"name": <allowed function>, "args": <valid arguments>}``;
-- ``AUTO`` / ``VALIDATED``: ``CALL_PREFIX`` followed by such a call, or an answer that does not start with
-  ``<`` or whitespace (free text, or JSON when a response schema is set). The first character decides the
-  branch in a single decoding pass, so a call is always schema-valid and text streams as it comes;
-- ``NONE``: no declarations in the prompt and no call branch in the grammar.
+- ``NONE``: no declarations in the prompt and no call in the grammar;
+- ``AUTO`` / ``VALIDATED``: the request is narrowed to one of those two before generation (``ToolChoice``):
+  a text answer (as ``NONE``) or a call of the one function the request is about (as ``ANY`` with that
+  function alone). The model's own likelihoods choose (see ``_Engine.relevance`` in ``local``): a small
+  model follows a grammar well but rarely decides by itself to start a call.
 
-Calls never appear in the text: the stream holds output back until the branch is known.
+A call never appears in the text: the stream holds it back and returns it whole.
 """
 
 from __future__ import annotations
@@ -20,13 +21,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from textgen.errors import BadRequest, UpstreamError
-from textgen.protocol import FunctionCallingMode, FunctionDeclaration, GenerationInput, Role
+from textgen.protocol import (
+    FunctionCallingConfig,
+    FunctionCallingMode,
+    FunctionDeclaration,
+    GenerationInput,
+    Role,
+    ToolConfig,
+)
 from textgen.providers.base import FunctionCall
 from textgen.structured import CompiledSchema, Grammar, SchemaProblem, compile_schema, gbnf_literal
 
+# How past calls are written in the conversation shown to the model.
 CALL_PREFIX = "<tool_call>"
-# Free text that cannot be mistaken for a call: its first character is neither "<" nor whitespace.
-_TEXT_RULE = r"[^<\x00\x09\x0A\x0D\x20] [^\x00]*"
+# AUTO / VALIDATED call a function when the request's mean pointwise mutual information with the function's
+# description (nats per token, measured by the model) is above this. Chosen on 72 labelled requests
+# (bench/tool_choice.py, docs/local-model.md).
+CALL_THRESHOLD = 0.2
 
 
 def _compact(value: Any) -> str:
@@ -38,24 +49,15 @@ class OutputPlan:
     """The grammar a generation runs under and how its raw text becomes text or function calls."""
 
     grammar: str | None = None
-    calls: str = "never"  # never | always | maybe
+    calls: bool = False  # the whole output is one function call
     json_schema: CompiledSchema | None = None
     json_mode: bool = False
     functions: dict[str, CompiledSchema] = field(default_factory=dict)
 
-    def is_call(self, text: str) -> bool | None:
-        """Whether the raw output so far is a call; None while the first character is unknown."""
-        if self.calls == "never":
-            return False
-        if self.calls == "always":
-            return True
-        return text.startswith("<") if text else None
-
     def interpret(self, raw: str, finish: str, max_tokens: int) -> tuple[str, list[FunctionCall]]:
         """Turn the finished raw output into (text, calls), refusing anything the grammar did not complete."""
-        if self.is_call(raw):
-            body = raw[len(CALL_PREFIX) :] if self.calls == "maybe" else raw
-            call = self._parse(body, finish, max_tokens, "function call")
+        if self.calls:
+            call = self._parse(raw, finish, max_tokens, "function call")
             if (
                 not isinstance(call, dict)
                 or set(call) != {"name", "args"}
@@ -96,7 +98,10 @@ def _bad(where: str, problem: str) -> BadRequest:
 
 
 def plan_output(request: GenerationInput) -> OutputPlan:
-    """Build (and so validate) the grammar for a request; BadRequest names an unusable schema."""
+    """Build (and so validate) the grammar for a request; BadRequest names an unusable schema.
+
+    The request's mode must be ``ANY`` or ``NONE`` (or it has no tools): ``tool_choice`` narrows the others.
+    """
     cfg = request.config
     json_mode = cfg.response_mime_type == "application/json"
     compiled: CompiledSchema | None = None
@@ -134,18 +139,61 @@ def plan_output(request: GenerationInput) -> OutputPlan:
         functions[declaration.name] = params
         name = grammar.rule("call-name", gbnf_literal(f'{{"name":{_compact(declaration.name)},"args":'))
         alternatives.append(f'{name} {args} "}}"')
-    call = grammar.rule("call", " | ".join(f"( {a} )" for a in alternatives))
-    if mode is FunctionCallingMode.ANY:
-        return OutputPlan(grammar=grammar.text(call), calls="always", functions=functions)
-    text = answer if answer is not None else grammar.rule("text", _TEXT_RULE)
-    root = f"( {gbnf_literal(CALL_PREFIX)} {call} ) | ( {text} )"
-    return OutputPlan(
-        grammar=grammar.text(root),
-        calls="maybe",
-        json_schema=compiled,
-        json_mode=json_mode,
-        functions=functions,
+    if mode is not FunctionCallingMode.ANY:
+        raise ValueError(f"narrow a {mode} request with tool_choice before planning its output")
+    call = " | ".join(f"( {a} )" for a in alternatives)
+    return OutputPlan(grammar=grammar.text(call), calls=True, functions=functions)
+
+
+@dataclass(slots=True)
+class ToolChoice:
+    """An ``AUTO`` / ``VALIDATED`` request, narrowed to each answer it allows."""
+
+    query: str  # the user's words the choice is about
+    descriptions: dict[str, str]  # what each callable function does, in words
+    text: GenerationInput  # answer in text (as NONE)
+    calls: dict[str, GenerationInput]  # call this one function (as ANY with it alone allowed)
+
+
+def _narrowed(
+    request: GenerationInput, mode: FunctionCallingMode, only: str | None = None
+) -> GenerationInput:
+    config = FunctionCallingConfig(mode=mode, allowed_function_names=[only] if only else None)
+    return request.model_copy(update={"tool_config": ToolConfig(function_calling_config=config)})
+
+
+def open_question(request: GenerationInput) -> str | None:
+    """The user's words still waiting for an answer: the last message, when it is plain user text.
+
+    After a function response (or a model turn) there is nothing left to call a tool for.
+    """
+    last = request.messages[-1]
+    if last.role is not Role.user or last.function_response is not None or last.function_call is not None:
+        return None
+    return last.text().strip() or None
+
+
+def tool_choice(request: GenerationInput) -> ToolChoice | GenerationInput:
+    """Narrow an ``AUTO`` / ``VALIDATED`` request: the request itself when nothing is left to choose."""
+    if request.calling_mode not in (FunctionCallingMode.AUTO, FunctionCallingMode.VALIDATED):
+        return request
+    declarations = callable_functions(request)
+    text = _narrowed(request, FunctionCallingMode.NONE)
+    query = open_question(request)
+    if not declarations:
+        return text
+    choice = ToolChoice(
+        query=query or "",
+        descriptions={d.name: d.description.strip() or d.name.replace("_", " ") for d in declarations},
+        text=text,
+        calls={d.name: _narrowed(request, FunctionCallingMode.ANY, d.name) for d in declarations},
     )
+    if query is None:
+        # Still build every branch, so an unusable parameter schema is refused the same way.
+        for narrowed in choice.calls.values():
+            plan_output(narrowed)
+        return text
+    return choice
 
 
 def callable_functions(request: GenerationInput) -> list[FunctionDeclaration]:
@@ -157,7 +205,7 @@ def callable_functions(request: GenerationInput) -> list[FunctionDeclaration]:
 
 
 def tools_section(request: GenerationInput) -> str:
-    """The system-prompt section that describes the callable functions and the exact call format."""
+    """The system-prompt section of an ``ANY`` request: the callable functions and the exact call format."""
     declarations = callable_functions(request)
     if not declarations:
         return ""
@@ -165,18 +213,9 @@ def tools_section(request: GenerationInput) -> str:
         f"- {d.name}: {d.description} Arguments: {_compact(d.parameters or {'type': 'object'})}"
         for d in declarations
     )
-    if request.calling_mode is FunctionCallingMode.ANY:
-        rule = 'Answer with one tool call, exactly {"name": "<tool name>", "args": {...}}.'
-    else:
-        rule = (
-            "When the user asks for something a tool provides, do not guess: call the tool by answering "
-            "exactly "
-            f'{CALL_PREFIX}{{"name": "<tool name>", "args": {{...}}}}'
-        )
     return (
-        f"You have tools. {rule}\nTools:\n{listed}\n"
-        "Keep argument values short. When a tool result is given to you, answer the user's question with it "
-        "in one plain sentence."
+        'You have tools. Answer with one tool call, exactly {"name": "<tool name>", "args": {...}}.\n'
+        f"Tools:\n{listed}\nKeep argument values short."
     )
 
 
