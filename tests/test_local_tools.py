@@ -104,20 +104,28 @@ async def test_any_with_several_allowed_functions(tmp_path: Path) -> None:
             assert seen
 
 
-async def test_guide_weather_round_trip(tmp_path: Path) -> None:
+def guide_first_turn(question: str, **config: Any) -> dict[str, Any]:
+    """The guide's function-calling example (mode AUTO), on the embedded model."""
+    body = request(question, [WEATHER], "AUTO", **config)
+    body["config"].pop("max_output_tokens")
+    return body
+
+
+async def test_guide_weather_round_trip_under_auto(tmp_path: Path) -> None:
+    question = "What is the weather in San Francisco?"
     async with run_server(make_settings(tmp_path, local_model_instances=1)) as server:
         account = await server.account()
         async with server.client(account) as client:
-            question = "What is the weather in San Francisco?"
-            # The first turn forces the call (a 135M model rarely chooses one by itself under AUTO).
-            first = (
-                await client.post(
-                    "/sse/text_generator/", json=request(question, [WEATHER], "ANY", temperature=0)
-                )
-            ).json()
-            assert first["status"] == "done", first
-            [call] = first["response_function_calls"]
-            assert call["name"] == "get_weather" and isinstance(call["args"]["location"], str)
+            for seed in range(3):
+                first = (
+                    await client.post("/sse/text_generator/", json=guide_first_turn(question, seed=seed))
+                ).json()
+                assert first["status"] == "done", first
+                assert first["response_text"] == ""
+                [call] = first["response_function_calls"]
+                assert call["name"] == "get_weather"
+                jsonschema.validate(call["args"], WEATHER["parameters"])
+            # The guide's follow-up: no tool_config (so AUTO), the call and its result in the conversation.
             follow_up = {
                 "model_name": MODEL,
                 "messages": [
@@ -140,26 +148,42 @@ async def test_guide_weather_round_trip(tmp_path: Path) -> None:
             assert second["response_function_calls"] == []
             assert second["response_text"].strip()
             assert "<tool_call>" not in second["response_text"]
-            assert second["input_tokens"] > first["input_tokens"]
+            # The answer is built on the function's result.
+            answer = second["response_text"].lower()
+            assert "fog" in answer or "62" in answer, answer
 
 
-async def test_auto_answers_text_or_a_valid_call_and_none_never_calls(tmp_path: Path) -> None:
+async def test_auto_and_validated_call_only_when_the_request_needs_it(tmp_path: Path) -> None:
     async with run_server(make_settings(tmp_path, local_model_instances=1)) as server:
         account = await server.account()
         async with server.client(account) as client:
             for mode in ("AUTO", "VALIDATED"):
-                for seed in range(2):
-                    body = request(
-                        "What is the weather in Rome?", [WEATHER], mode, temperature=1.0, seed=seed
-                    )
-                    task = (await client.post("/sse/text_generator/", json=body)).json()
-                    assert task["status"] == "done", (task["failed_reason"], task["response_text"])
-                    if task["response_function_calls"]:
-                        [call] = task["response_function_calls"]
-                        jsonschema.validate(call["args"], WEATHER["parameters"])
-                        assert task["response_text"] == ""
-                    else:
-                        assert task["response_text"] and not task["response_text"].startswith("<")
+                body = request("What is the weather in Rome?", [WEATHER], mode, temperature=1.0, seed=1)
+                task = (await client.post("/sse/text_generator/", json=body)).json()
+                assert task["status"] == "done", (task["failed_reason"], task["response_text"])
+                [call] = task["response_function_calls"]
+                assert call["name"] == "get_weather" and task["response_text"] == ""
+                jsonschema.validate(call["args"], WEATHER["parameters"])
+
+                body = request("Tell me a joke about cats.", [WEATHER], mode, temperature=1.0, seed=1)
+                task = (await client.post("/sse/text_generator/", json=body)).json()
+                assert task["status"] == "done", (task["failed_reason"], task["response_text"])
+                assert task["response_function_calls"] == []
+                assert task["response_text"].strip() and "<tool_call>" not in task["response_text"]
+
+            # With several functions it calls the one the request is about.
+            body = request("What time is it in Berlin?", [WEATHER, TIME, CONVERT], "AUTO", temperature=0)
+            task = (await client.post("/sse/text_generator/", json=body)).json()
+            [call] = task["response_function_calls"]
+            assert call["name"] == "get_time"
+            jsonschema.validate(call["args"], TIME["parameters"])
+            # VALIDATED with allowed_function_names: only an allowed function can be called.
+            body = request("What is the weather in Oslo?", [WEATHER, TIME], "VALIDATED", temperature=0)
+            body["tool_config"]["function_calling_config"]["allowed_function_names"] = ["get_time"]
+            task = (await client.post("/sse/text_generator/", json=body)).json()
+            assert task["status"] == "done", task
+            assert all(c["name"] == "get_time" for c in task["response_function_calls"])
+
             for seed in range(3):
                 body = request("Call get_weather for Oslo.", [WEATHER], "NONE", temperature=1.0, seed=seed)
                 task = (await client.post("/sse/text_generator/", json=body)).json()
@@ -169,23 +193,30 @@ async def test_auto_answers_text_or_a_valid_call_and_none_never_calls(tmp_path: 
 
 
 async def test_auto_with_a_json_schema_gives_valid_json_or_a_call(tmp_path: Path) -> None:
-    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "legs": {"type": "integer", "minimum": 0}},
+        "required": ["name", "legs"],
+    }
     async with run_server(make_settings(tmp_path, local_model_instances=1)) as server:
         account = await server.account()
         async with server.client(account) as client:
-            body = request(
-                "Which city is foggy?",
-                [WEATHER],
-                "AUTO",
-                temperature=0.7,
-                seed=3,
-                response_json_schema=schema,
-            )
-            body["config"]["max_output_tokens"] = 120
-            task = (await client.post("/sse/text_generator/", json=body)).json()
-            assert task["status"] == "done", (task["failed_reason"], task["response_text"])
-            if not task["response_function_calls"]:
-                jsonschema.validate(json.loads(task["response_text"]), schema)
+            answers = {}
+            for question in ("Describe a spider as JSON.", "What is the weather in Lisbon?"):
+                body = request(
+                    question, [WEATHER], "AUTO", temperature=0.7, seed=3, response_json_schema=schema
+                )
+                body["config"]["max_output_tokens"] = 120
+                task = (await client.post("/sse/text_generator/", json=body)).json()
+                assert task["status"] == "done", (task["failed_reason"], task["response_text"])
+                answers[question] = task
+            text = answers["Describe a spider as JSON."]
+            assert text["response_function_calls"] == []
+            jsonschema.validate(json.loads(text["response_text"]), schema)
+            call = answers["What is the weather in Lisbon?"]
+            assert call["response_text"] == ""
+            [made] = call["response_function_calls"]
+            jsonschema.validate(made["args"], WEATHER["parameters"])
 
 
 async def test_unusable_parameter_schema_is_a_400(tmp_path: Path) -> None:

@@ -263,3 +263,40 @@ async def test_a_slow_first_chunk_keeps_the_task_leased(tmp_path: Path, models_f
         assert task["status"] == "done", task
         assert task["response_text"] == "echo: slow start"
         assert (await server.services.store.get_task(task["id"])).attempts == 1
+
+
+async def test_local_stream_under_auto_calls_or_streams_text(tmp_path: Path) -> None:
+    weather = {
+        "name": "get_weather",
+        "description": "Get the current weather for a given location.",
+        "parameters": {
+            "type": "object",
+            "properties": {"location": {"type": "string"}},
+            "required": ["location"],
+        },
+    }
+
+    def body(question: str) -> dict[str, Any]:
+        return {
+            **LOCAL,
+            "messages": [{"role": "user", "content": question}],
+            "tools": [{"function_declarations": [weather]}],
+            "tool_config": {"function_calling_config": {"mode": "AUTO"}},
+        }
+
+    async with run_server(make_settings(tmp_path, local_model_instances=1)) as server:
+        account = await server.account(credits=10)
+        events = await collect(server, account, body("What is the weather in Paris?"))
+        parts = [p for _, d in events for p in d["candidates"][0]["content"]["parts"]]
+        calls = [p["functionCall"] for p in parts if "functionCall" in p]
+        assert [c["name"] for c in calls] == ["get_weather"]
+        assert isinstance(calls[0]["args"]["location"], str)
+        assert "".join(p.get("text", "") for p in parts) == ""
+        assert "functionCall" in str(events[-1][1]) and "creatify" in events[-1][1]
+        task = await server.wait_for(account, events[-1][1]["creatify"]["id"])
+        assert task["response_function_calls"] == [{"name": "get_weather", "args": calls[0]["args"]}]
+
+        events = await collect(server, account, body("Write a short tagline for an AI video tool."))
+        text_chunks = [chunk_text(d) for _, d in events if chunk_text(d)]
+        assert len(text_chunks) >= 2  # streamed as generated, not held back
+        assert not any("functionCall" in str(d) for _, d in events)
