@@ -177,6 +177,12 @@ async def test_auto_and_validated_call_only_when_the_request_needs_it(tmp_path: 
             [call] = task["response_function_calls"]
             assert call["name"] == "get_time"
             jsonschema.validate(call["args"], TIME["parameters"])
+            # A function without a description is judged by its name.
+            nameless = {"name": "get_weather", "parameters": WEATHER["parameters"]}
+            for question, calls in (("What is the weather in Rome?", 1), ("Tell me a joke about cats.", 0)):
+                body = request(question, [nameless], "AUTO", temperature=0)
+                task = (await client.post("/sse/text_generator/", json=body)).json()
+                assert len(task["response_function_calls"]) == calls, task
             # VALIDATED with allowed_function_names: only an allowed function can be called.
             body = request("What is the weather in Oslo?", [WEATHER, TIME], "VALIDATED", temperature=0)
             body["tool_config"]["function_calling_config"]["allowed_function_names"] = ["get_time"]
