@@ -70,6 +70,18 @@ class ProcessGroup:
             time.sleep(0.1)
         raise RuntimeError(f"{url} never answered:\n{self.log_tail(proc)}")
 
+    def wait_log(self, proc: subprocess.Popen[bytes], text: str, timeout: float = 120.0) -> None:
+        """Wait until the process has written ``text`` to its log."""
+        path = self.logs / f"{proc.bench_name}.log"  # type: ignore[attr-defined]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc.bench_name} exited early:\n{self.log_tail(proc)}")  # type: ignore[attr-defined]
+            if path.exists() and text in path.read_text(errors="replace"):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{proc.bench_name} never logged {text!r}:\n{self.log_tail(proc)}")  # type: ignore[attr-defined]
+
     def stop(self, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):

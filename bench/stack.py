@@ -101,8 +101,8 @@ def textgen_env(
         TEXTGEN_WEBHOOK_POLL_SECONDS="0.05",
         TEXTGEN_SHUTDOWN_TIMEOUT_SECONDS="3",
         TEXTGEN_LOG_LEVEL="warning",
-        **extra,
     )
+    env.update(extra)
     if redis_url:
         env["TEXTGEN_REDIS_URL"] = redis_url
     return env
@@ -156,10 +156,13 @@ def start_textgen(
         group.start(
             f"{name}-worker{i}",
             python_module("textgen", "worker", "--concurrency", str(worker_concurrency)),
-            env,
+            {**env, "TEXTGEN_LOG_LEVEL": "info"},
         )
         for i in range(workers)
     ]
+    # A measurement starts once every worker is claiming, not while they are still starting up.
+    for worker in started:
+        group.wait_log(worker, "ready (")
     return Textgen(url, proc, env, headers, backend, started)
 
 

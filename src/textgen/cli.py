@@ -123,6 +123,9 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         run = asyncio.create_task(svc.worker.run(burst=args.burst))
+        logging.getLogger("textgen.worker").info(
+            "worker %s ready (%d tasks in flight at most)", svc.worker.worker_id, svc.worker.concurrency
+        )
         waiter = asyncio.create_task(stop.wait())
         await asyncio.wait([run, waiter], return_when=asyncio.FIRST_COMPLETED)
         logging.getLogger("textgen.worker").info("worker stopping")

@@ -132,11 +132,14 @@ class Services:
         """Run the webhook sender in this process (``textgen serve`` and ``textgen worker``)."""
         if self.webhooks is not None:
             self.background.append(asyncio.create_task(self.webhooks.run(), name="textgen-webhooks"))
+            # Deliveries this process queues are woken in-process: no NOTIFY that wakes every sender.
+            self.store.delivers_locally = True
 
     async def aclose(self) -> None:
         # Both stop within the one shutdown timeout, side by side, not one after the other.
         grace = self.settings.shutdown_timeout_seconds
         stopping = [self.worker.stop(grace)]
+        self.store.delivers_locally = False
         if self.webhooks is not None:
             stopping.append(self.webhooks.stop(grace))
         await asyncio.gather(*stopping)

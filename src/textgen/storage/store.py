@@ -228,6 +228,9 @@ class Store:
         self._claim = _claim_statement(self.is_postgres)
         # Called after a transaction that queued a webhook delivery commits (wakes the in-process sender).
         self.delivery_listeners: list[Callable[[], None]] = []
+        # A webhook sender runs in this process: it is woken through delivery_listeners, and the senders of
+        # other processes find what it cannot take at once by polling. Otherwise a NOTIFY wakes them all.
+        self.delivers_locally = False
 
     async def aclose(self) -> None:
         if self._sqlite is not None and self._thread is not None:
@@ -605,7 +608,8 @@ class Store:
                         "updated_at": now,
                     },
                 )
-                self._notify(conn, DELIVERIES_CHANNEL)
+                if not self.delivers_locally:
+                    self._notify(conn, DELIVERIES_CHANNEL)
             return task
 
         task = await self._run(work)
@@ -644,7 +648,8 @@ class Store:
                     "updated_at": now,
                 },
             )
-            self._notify(conn, DELIVERIES_CHANNEL)
+            if not self.delivers_locally:
+                self._notify(conn, DELIVERIES_CHANNEL)
 
         await self._run(work)
         self._deliveries_queued()
