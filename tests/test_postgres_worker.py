@@ -135,3 +135,82 @@ async def test_heartbeats_keep_a_long_task_with_its_first_worker(
         assert task.attempts == 1
         summary = await one.services.store.ledger_summary(account.id)
         assert summary.ledger_sum == summary.balance
+
+
+async def test_deliveries_wake_the_local_sender_in_process_and_others_by_notify(
+    tmp_path: Path,
+    models_file: Path,
+    pg_url: str,  # noqa: F811
+) -> None:
+    from tests.test_webhooks import Receiver, serve_receiver
+    from textgen.notify import DELIVERIES_CHANNEL, asyncpg_dsn
+
+    # Neither process polls for deliveries: only an in-process wake-up or a NOTIFY can send one.
+    worker_side = make_settings(
+        tmp_path, models_file=models_file, database_url=pg_url, webhook_poll_seconds=NEVER
+    )
+    api_side = make_settings(
+        tmp_path, models_file=models_file, database_url=pg_url, webhook_poll_seconds=NEVER
+    )
+    notified: list[str] = []
+    watcher = await asyncpg.connect(asyncpg_dsn(pg_url))
+    await watcher.add_listener(DELIVERIES_CHANNEL, lambda *args: notified.append(args[2]))
+    receiver = Receiver()
+    try:
+        async with (
+            serve_receiver(receiver) as url,
+            run_server(worker_side, {"fake": FakeProvider()}) as worker,
+            run_server(api_side, {"fake": FakeProvider()}, run_worker=False) as api,
+        ):
+            await wait_connected(worker)
+            account = await api.account()
+            task_id = await create(api, account, {**BODY, "webhook_url": f"{url}/hook"})
+            for _ in range(600):
+                if receiver.seen:
+                    break
+                await asyncio.sleep(0.05)
+            # The worker that finished the task woke its own sender; no other process was disturbed.
+            assert len(receiver.seen) == 1
+            assert notified == []
+
+            # A redelivery queued by the API process, which sends nothing itself, goes out by NOTIFY.
+            async with api.client(account) as client:
+                queued = await client.post(f"/sse/text_generator/{task_id}/webhooks/redeliver/")
+                assert queued.status_code in (200, 201, 202), queued.text
+            for _ in range(600):
+                if len(receiver.seen) == 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert len(receiver.seen) == 2
+            assert notified == [DELIVERIES_CHANNEL]
+    finally:
+        await watcher.close()
+
+
+async def test_pooled_connections_that_died_are_replaced_before_use(
+    tmp_path: Path,
+    models_file: Path,
+    pg_url: str,  # noqa: F811
+) -> None:
+    from sqlalchemy.engine import make_url
+
+    settings = make_settings(tmp_path, models_file=models_file, database_url=pg_url)
+    async with run_server(settings, {"fake": FakeProvider()}) as server:
+        account = await server.account()
+        async with server.client(account) as client:
+            for _ in range(3):
+                assert (await client.get("/api/remaining_credits/")).status_code == 200
+            admin = await asyncpg.connect(ADMIN_DSN)
+            try:
+                killed = await admin.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = $1 AND pid <> pg_backend_pid()",
+                    make_url(pg_url).database,
+                )
+            finally:
+                await admin.close()
+            assert killed >= 1
+            # Every pooled connection is dead, and none reaches a request: each is pinged and replaced.
+            for _ in range(3):
+                response = await client.get("/api/remaining_credits/")
+                assert response.status_code == 200, response.text

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy import event
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -64,36 +62,10 @@ def create_engine(settings: Settings) -> AsyncEngine:
         engine = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=60)
         _sqlite_session_setup(engine.sync_engine)
         return engine
-    engine = create_async_engine(
-        url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow, pool_timeout=10
+    return create_async_engine(
+        url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_pre_ping=True,
+        pool_timeout=10,
     )
-    _ping_idle_connections(engine)
-    return engine
-
-
-# A pooled connection unused for longer than this is pinged before it is handed out.
-IDLE_PING_SECONDS = 1.0
-
-
-def _ping_idle_connections(engine: AsyncEngine) -> None:
-    """Check a connection that sat idle in the pool before using it; a busy one is used at once.
-
-    ``pool_pre_ping`` pings on every checkout, one extra round trip per transaction. A connection in
-    steady use proves itself with each transaction (and a failure invalidates the whole pool), so only one
-    that was idle long enough to have gone stale (a database restart, a dropped backend) is pinged; a
-    dead one is replaced before the transaction starts.
-    """
-
-    @event.listens_for(engine.sync_engine, "checkin")
-    def _checked_in(_dbapi: Any, record: Any) -> None:
-        record.info["idle_since"] = time.monotonic()
-
-    @event.listens_for(engine.sync_engine, "checkout")
-    def _checked_out(dbapi: Any, record: Any, _proxy: Any) -> None:
-        since = record.info.get("idle_since")
-        if since is None or time.monotonic() - since < IDLE_PING_SECONDS:
-            return
-        try:
-            dbapi.ping()
-        except Exception as exc:
-            raise sa_exc.DisconnectionError(f"stale pooled connection: {exc}") from exc
