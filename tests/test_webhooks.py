@@ -522,7 +522,22 @@ REFUSED = [
     ("http://100.64.0.1/h", "reserved"),
     ("http://240.0.0.1/h", "reserved"),
     ("http://localhost:8080/h", "loopback"),
+    # IPv6 forms that wrap an internal IPv4 address take its class, named with the form.
+    ("http://[2002:7f00:1::]/h", "6to4 loopback"),
+    ("http://[2002:a9fe:a9fe::]/h", "6to4 metadata"),
+    ("http://[2002:a00:1::1]/h", "6to4 private"),
+    ("http://[2002:5db8:d70e::1]/h", "6to4"),  # a public IPv4 behind a 6to4 relay: still a tunnel
+    ("http://[64:ff9b::7f00:1]/h", "NAT64 loopback"),
+    ("http://[64:ff9b::a9fe:a9fe]/h", "NAT64 metadata"),
+    ("http://[::127.0.0.1]/h", "IPv4-compatible loopback"),
+    ("http://[::10.0.0.1]/h", "IPv4-compatible private"),
+    ("http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/h", "Teredo private"),  # client 192.0.2.45
+    ("http://[fec0::1]/h", "site-local"),
+    ("http://[fefe::abcd]/h", "site-local"),
 ]
+
+# Ports of internal services, refused by default (TEXTGEN_WEBHOOK_REFUSED_PORTS) whatever the host.
+REFUSED_PORTS = [0, 22, 25, 3306, 5432, 6379, 11211]
 
 
 async def test_create_refuses_webhook_urls_reaching_private_addresses(
@@ -539,7 +554,17 @@ async def test_create_refuses_webhook_urls_reaching_private_addresses(
                 assert error.startswith("webhook_url: "), error
                 assert f"is a {kind} address" in error, (url, error)
             localhost = (await client.post("/sse/text_generator/", json=body("http://localhost/h"))).json()
-            assert "'localhost' resolves to 127.0.0.1" in localhost["error"]
+            # The refusal names the class, never how this server's DNS resolved the name.
+            assert "'localhost' resolves to an address that is a loopback address" in localhost["error"]
+            assert "127.0.0.1" not in localhost["error"]
+            for port in REFUSED_PORTS:
+                response = await client.post(
+                    "/sse/text_generator/", json=body(f"http://93.184.215.14:{port}/h")
+                )
+                assert response.status_code == 400, (port, response.text)
+                assert response.json()["error"] == (
+                    f"webhook_url: port {port} is refused for webhooks (an internal service port)"
+                )
             for url in (
                 "ftp://example.com/h",
                 "http://user:pw@example.com/h",
@@ -585,9 +610,10 @@ async def test_send_time_check_defeats_dns_rebinding(tmp_path: Path, models_file
         [attempt] = delivery["attempts"]
         assert attempt["status_code"] is None
         assert (
-            "refused: host 'rebind.example' resolves to 127.0.0.1, which is a loopback address"
+            "refused: host 'rebind.example' resolves to an address that is a loopback address"
             in attempt["error"]
         )
+        assert "127.0.0.1" not in attempt["error"]
         assert dns.calls == ["rebind.example", "rebind.example"]
         assert receiver.seen == []
 
@@ -691,3 +717,24 @@ def test_address_classes() -> None:
     }
     for text, kind in cases.items():
         assert address_class(ipaddress.ip_address(text)) == kind, text
+
+
+def test_refused_ports_setting() -> None:
+    from textgen.errors import ConfigurationError
+    from textgen.settings import load_settings
+
+    assert load_settings(webhook_refused_ports="").webhook_refused_port_set == frozenset()
+    assert load_settings(webhook_refused_ports=" 22, 8081").webhook_refused_port_set == {22, 8081}
+    with pytest.raises(ConfigurationError, match=r"TEXTGEN_WEBHOOK_REFUSED_PORTS: .*'ssh'"):
+        load_settings(webhook_refused_ports="22,ssh")
+    with pytest.raises(ConfigurationError, match="TEXTGEN_WEBHOOK_REFUSED_PORTS"):
+        load_settings(webhook_refused_ports="70000")
+
+
+async def test_refused_ports_can_be_lifted(tmp_path: Path, models_file: Path) -> None:
+    settings = settings_for(tmp_path, models_file, webhook_allow_private=False, webhook_refused_ports="")
+    async with run_server(settings, {"fake": FakeProvider()}, run_worker=False) as server:
+        account = await server.account()
+        async with server.client(account) as client:
+            response = await client.post("/sse/text_generator/", json=body("http://93.184.215.14:22/h"))
+            assert response.status_code == 201, response.text

@@ -83,7 +83,10 @@ class Services:
             lease_seconds=settings.lease_seconds,
         )
         tasks.on_queued.append(worker.notify)
-        policy = AddressPolicy(allow_private=settings.webhook_allow_private)
+        policy = AddressPolicy(
+            allow_private=settings.webhook_allow_private,
+            refused_ports=settings.webhook_refused_port_set,
+        )
         tasks.webhook_policy = policy
         webhooks = WebhookSender.from_settings(store, settings, worker_id, policy)
         store.delivery_listeners.append(webhooks.notify)

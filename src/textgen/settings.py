@@ -98,6 +98,10 @@ class Settings(BaseSettings):
     webhook_allow_private: bool = Field(
         False, description="allow webhook URLs on loopback/private networks (development, tests)"
     )
+    webhook_refused_ports: str = Field(
+        "0,22,23,25,53,111,135,139,445,2049,2375,2376,2379,3306,5432,5672,6379,9200,11211,27017",
+        description="comma-separated ports a webhook URL may not use (internal services); empty for none",
+    )
     webhook_timeout_seconds: float = Field(15.0, gt=0, description="timeout of one webhook attempt")
     webhook_schedule: str = Field(
         "0,5,300,1800,7200,18000,36000,36000,36000,36000,36000,36000,36000",
@@ -117,6 +121,16 @@ class Settings(BaseSettings):
             raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
         return value
 
+    @field_validator("webhook_refused_ports")
+    @classmethod
+    def _port_list(cls, value: str) -> str:
+        _ports(value)
+        return value
+
+    @cached_property
+    def webhook_refused_port_set(self) -> frozenset[int]:
+        return _ports(self.webhook_refused_ports)
+
     @cached_property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
@@ -124,6 +138,17 @@ class Settings(BaseSettings):
     @cached_property
     def webhook_delays(self) -> list[float]:
         return [float(x) for x in self.webhook_schedule.split(",") if x.strip()]
+
+
+def _ports(text: str) -> frozenset[int]:
+    ports = set()
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        if not item.isdigit() or int(item) > 65535:
+            raise ValueError(f"must be comma-separated port numbers (0-65535), got {item!r}")
+        ports.add(int(item))
+    return frozenset(ports)
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -51,10 +51,11 @@ def decode_cursor(value: str) -> Cursor:
         raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode()
         stamp, task_id = raw.split("|", 1)
         created = dt.datetime.fromisoformat(stamp)
-        if created.tzinfo is None:
+        if created.tzinfo is None or len(task_id) > 64:
             raise ValueError
-        return Cursor(created_at=created, id=task_id)
-    except ValueError as exc:
+        # In UTC here: an offset that pushes the stamp past year 9999 (or before 1) is not a cursor we made.
+        return Cursor(created_at=created.astimezone(dt.UTC), id=task_id)
+    except (ValueError, OverflowError) as exc:
         raise BadRequest("cursor: invalid pagination cursor") from exc
 
 

@@ -42,10 +42,48 @@ async def system_resolver(host: str, port: int) -> list[IPAddress]:
     return out
 
 
+# IPv6 prefixes that carry an IPv4 address inside them; the embedded address decides the class.
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+_SITE_LOCAL = ipaddress.ip_network("fec0::/10")
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> tuple[str, ipaddress.IPv4Address] | None:
+    """The IPv4 address an IPv6 form wraps (mapped, compatible, 6to4, Teredo, NAT64), with its form's name."""
+    if address.ipv4_mapped is not None:
+        return "IPv4-mapped", address.ipv4_mapped
+    if address.sixtofour is not None:
+        return "6to4", address.sixtofour
+    if address.teredo is not None:
+        # Teredo carries the relay server and the client's (obfuscated) address; either may be internal.
+        server, client = address.teredo
+        inner = client if address_class(server) is None else server
+        return "Teredo", inner
+    for network in _NAT64:
+        if address in network:
+            return "NAT64", ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if address in _IPV4_COMPATIBLE and int(address) > 1:
+        return "IPv4-compatible", ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
 def address_class(address: IPAddress) -> str | None:
-    """The refused class an address belongs to (``loopback``, ``metadata``...), or None if public."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    """The refused class an address belongs to (``loopback``, ``metadata``...), or None if public.
+
+    An IPv6 address that wraps an IPv4 one (IPv4-mapped or -compatible, 6to4, Teredo, NAT64) takes the
+    class of the address it wraps, named with its form (``6to4 loopback``); Teredo and 6to4 relays are
+    refused outright, since they tunnel to whatever they wrap.
+    """
+    if isinstance(address, ipaddress.IPv6Address):
+        if address in _SITE_LOCAL:
+            return "site-local"
+        embedded = _embedded_ipv4(address)
+        if embedded is not None:
+            form, inner = embedded
+            inner_class = address_class(inner)
+            if form == "IPv4-mapped":
+                return inner_class
+            return f"{form} {inner_class}" if inner_class else form
     if address in _METADATA:
         return "metadata"
     if address.is_unspecified:
@@ -81,8 +119,10 @@ class AddressPolicy:
         allow_private: bool = False,
         resolver: Resolver = system_resolver,
         resolve_timeout: float = 5.0,
+        refused_ports: frozenset[int] = frozenset(),  # the server passes TEXTGEN_WEBHOOK_REFUSED_PORTS
     ) -> None:
         self.allow_private = allow_private
+        self.refused_ports = refused_ports
         self.resolver = resolver
         self.resolve_timeout = resolve_timeout
 
@@ -90,13 +130,20 @@ class AddressPolicy:
         kind = address_class(address)
         if kind is None or (self.allow_private and kind in _PRIVATE_CLASSES):
             return
-        shown = "" if _literal(host) == address else f" resolves to {address}, which"
+        # The class only: quoting how this server's DNS resolved a name would tell the client about
+        # the server's network.
+        shown = "" if _literal(host) == address else " resolves to an address that"
         raise RefusedDestination(
             f"host {host!r}{shown} is a {kind} address; webhooks only go to public addresses"
         )
 
+    def check_port(self, port: int) -> None:
+        if port in self.refused_ports:
+            raise RefusedDestination(f"port {port} is refused for webhooks (an internal service port)")
+
     async def resolve(self, host: str, port: int) -> list[IPAddress]:
         """The addresses of ``host``, all checked; refuses when any of them is refused."""
+        self.check_port(port)
         literal = _literal(host)
         if literal is not None:
             addresses: list[IPAddress] = [literal]
@@ -120,7 +167,7 @@ class AddressPolicy:
         """
         parts = urlsplit(url)
         host = parts.hostname or ""
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        port = parts.port if parts.port is not None else (443 if parts.scheme == "https" else 80)
         try:
             await self.resolve(host, port)
         except RefusedDestination as exc:
