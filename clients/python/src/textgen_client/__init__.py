@@ -1,0 +1,71 @@
+"""Python client of the textgen / Creatify Text Generator API."""
+
+from textgen_client._async import AsyncClient, AsyncStream, AsyncTasks
+from textgen_client._http import DEFAULT_BASE_URL, PollSchedule, __version__
+from textgen_client._sync import Client, Stream, Tasks
+from textgen_client.errors import (
+    APIConnectionError,
+    APIError,
+    AuthenticationError,
+    BadRequestError,
+    ConflictError,
+    InsufficientCreditsError,
+    NotFoundError,
+    PayloadTooLargeError,
+    RateLimitError,
+    ServerError,
+    ServiceUnavailableError,
+    StreamError,
+    StreamInterrupted,
+    TextgenClientError,
+    UnprocessableEntityError,
+    WaitTimeout,
+    WebhookVerificationError,
+)
+from textgen_client.models import (
+    FunctionCall,
+    StreamEnd,
+    StreamEvent,
+    Task,
+    TextDelta,
+    WebhookMessage,
+    function_response,
+)
+from textgen_client.webhooks import verify_webhook
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "APIConnectionError",
+    "APIError",
+    "AsyncClient",
+    "AsyncStream",
+    "AsyncTasks",
+    "AuthenticationError",
+    "BadRequestError",
+    "Client",
+    "ConflictError",
+    "FunctionCall",
+    "InsufficientCreditsError",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "PollSchedule",
+    "RateLimitError",
+    "ServerError",
+    "ServiceUnavailableError",
+    "Stream",
+    "StreamEnd",
+    "StreamError",
+    "StreamEvent",
+    "StreamInterrupted",
+    "Task",
+    "Tasks",
+    "TextDelta",
+    "TextgenClientError",
+    "UnprocessableEntityError",
+    "WaitTimeout",
+    "WebhookMessage",
+    "WebhookVerificationError",
+    "__version__",
+    "function_response",
+    "verify_webhook",
+]
