@@ -24,7 +24,7 @@ def test_accounts_commands(tmp_path: Path) -> None:
     shown = json.loads(run_cli("accounts", "show", account["api_id"], "--json", env=env).stdout)
     assert "api_key" not in shown
     assert account["api_key"] not in json.dumps(shown)
-    assert account["api_key"].startswith(shown["key_prefix"])
+    assert account["api_key"].startswith(shown["keys"][0]["prefix"])
     assert shown["webhook_secret"].startswith("whsec_")
     credited = run_cli("accounts", "credit", account["api_id"], "2.5", env=env)
     assert credited.returncode == 0 and "7.5" in credited.stdout
@@ -40,7 +40,7 @@ def test_accounts_commands(tmp_path: Path) -> None:
     assert missing.returncode == 1
     # Only a hash of the key is stored.
     with sqlite3.connect(tmp_path / "cli.db") as db:
-        stored = db.execute("SELECT key_hash FROM accounts").fetchall()
+        stored = db.execute("SELECT key_hash FROM api_keys").fetchall()
     assert all(account["api_key"] not in row[0] for row in stored)
     bad = run_cli("migrate", env={**env, "TEXTGEN_DATABASE_URL": "mysql://nope"})
     assert bad.returncode == 2 and "TEXTGEN_DATABASE_URL" in bad.stderr

@@ -96,3 +96,46 @@ async def test_concurrent_start_ups_migrate_once(pg_empty_url: str) -> None:  # 
                 await proc.wait()
     assert [p.returncode for p in procs] == [0, 0, 0, 0], [out.decode()[-2000:] for out, _ in outputs]
     assert await schema_diff(pg_empty_url) == []
+
+
+async def test_the_account_key_carries_over_to_api_keys(empty_url: str) -> None:
+    """An account created under 0001 (one key on the account row) keeps its key after 0002."""
+    import datetime as dt
+
+    from textgen.accounts import Authenticator, hash_key
+    from textgen.storage.store import Store
+
+    settings = load_settings(database_url=empty_url)
+    await asyncio.to_thread(upgrade, settings, "0001")
+    engine = create_engine(settings)
+    created = dt.datetime(2025, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    old = sa.table(
+        "accounts",
+        *(sa.column(n) for n in ("api_id", "key_hash", "key_prefix", "name", "balance", "rate_limit")),
+        sa.column("webhook_secret"),
+        sa.column("created_at", metadata.tables["accounts"].c.created_at.type),
+    )
+    async with engine.begin() as conn:
+        await conn.execute(
+            old.insert().values(
+                api_id="tg_old",
+                key_hash=hash_key("tgk_the-old-key"),
+                key_prefix="tgk_the-ol",
+                name="old",
+                balance=5,
+                rate_limit=60,
+                webhook_secret="whsec_x",
+                created_at=created,
+            )
+        )
+    await engine.dispose()
+    await asyncio.to_thread(upgrade, settings)
+    assert await schema_diff(empty_url) == []
+    store = Store(create_engine(settings))
+    try:
+        account = await Authenticator(store).authenticate("tg_old", "tgk_the-old-key")
+        assert account.balance == 5 and account.disabled is False
+        rows = await store._run(lambda conn: conn.execute(sa.select(metadata.tables["api_keys"])).all())
+        assert [(r.prefix, r.created_at, r.revoked_at) for r in rows] == [("tgk_the-ol", created, None)]
+    finally:
+        await store.aclose()

@@ -39,7 +39,8 @@ async def store(db_settings: Settings) -> AsyncIterator[Store]:
 async def new_account(store: Store, balance: int, name: str = "acct") -> AccountRow:
     return await store.create_account(
         api_id=f"tg_{name}",
-        key_hash="h" * 64,
+        key_id=f"key_{name}",
+        key_hash=name.ljust(64, "h"),
         key_prefix="tgk_x",
         name=name,
         credits=balance,

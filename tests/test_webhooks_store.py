@@ -43,7 +43,8 @@ async def store(db_settings: Settings) -> AsyncIterator[Store]:
 async def finished_task(store: Store, name: str = "acct") -> TaskRow:
     account = await store.create_account(
         api_id=f"tg_{name}",
-        key_hash="h" * 64,
+        key_id=f"key_{name}",
+        key_hash=name.ljust(64, "h"),
         key_prefix="tgk_x",
         name=name,
         credits=10**9,

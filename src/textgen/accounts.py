@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import hmac
 import secrets
 import time
 from dataclasses import dataclass
 
 from textgen.catalog import to_micro
-from textgen.errors import Unauthorized
+from textgen.errors import AccountDisabled, Unauthorized
+from textgen.storage.admin import AdminStore
 from textgen.storage.store import AccountRow, Store
-
-# A well-formed hash to compare against when the api_id is unknown, so both paths cost the same.
-_DUMMY_HASH = hashlib.sha256(b"textgen-no-such-account").hexdigest()
-_CACHE_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,12 +30,21 @@ def new_webhook_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
+def new_key_id() -> str:
+    return "key_" + secrets.token_hex(12)
+
+
+def new_api_key() -> str:
+    return "tgk_" + secrets.token_urlsafe(32)
+
+
 async def create_account(store: Store, name: str, credits: float, rate_limit: int) -> NewAccount:
     """Create an account with fresh credentials; the key is returned here and never stored."""
     api_id = "tg_" + secrets.token_hex(12)
-    api_key = "tgk_" + secrets.token_urlsafe(32)
+    api_key = new_api_key()
     account = await store.create_account(
         api_id=api_id,
+        key_id=new_key_id(),
         key_hash=hash_key(api_key),
         key_prefix=api_key[:10],
         name=name,
@@ -51,29 +56,43 @@ async def create_account(store: Store, name: str, credits: float, rate_limit: in
 
 
 class Authenticator:
-    """Checks X-API-ID/X-API-KEY; caches account rows briefly to keep the database off the hot path."""
+    """Checks X-API-ID/X-API-KEY against the account's live keys.
 
-    def __init__(self, store: Store) -> None:
-        self._store = store
-        self._cache: dict[str, tuple[float, AccountRow]] = {}
+    A successful check is cached for ``cache_seconds`` (TEXTGEN_AUTH_CACHE_SECONDS) to keep the database off
+    the hot path: that is the bound on how long a key revoked, or an account disabled, in another process
+    keeps working here. In the process that made the change it takes effect at once (``forget``).
+    """
+
+    def __init__(self, store: Store, cache_seconds: float = 2.0) -> None:
+        self._keys = AdminStore(store)
+        self.cache_seconds = cache_seconds
+        self._cache: dict[str, dict[str, tuple[float, AccountRow]]] = {}
 
     async def authenticate(self, api_id: str | None, api_key: str | None) -> AccountRow:
         if not api_id or not api_key:
             raise Unauthorized("missing X-API-ID or X-API-KEY header")
-        account = await self._lookup(api_id)
-        expected = account.key_hash if account else _DUMMY_HASH
-        if not hmac.compare_digest(expected, hash_key(api_key)) or account is None:
+        account = await self._lookup(api_id[:64], hash_key(api_key))
+        if account is None:
             raise Unauthorized("invalid X-API-ID or X-API-KEY")
+        if account.disabled:
+            raise AccountDisabled("this account is disabled; ask the operator to enable it")
         return account
 
-    async def _lookup(self, api_id: str) -> AccountRow | None:
+    def forget(self, api_id: str) -> None:
+        """Drop what is cached for an account (its keys or state just changed)."""
+        self._cache.pop(api_id, None)
+
+    async def _lookup(self, api_id: str, key_hash: str) -> AccountRow | None:
         now = time.monotonic()
-        hit = self._cache.get(api_id)
+        hit = self._cache.get(api_id, {}).get(key_hash)
         if hit is not None and hit[0] > now:
             return hit[1]
-        account = await self._store.account_by_api_id(api_id[:64])
-        if account is not None:
+        found = await self._keys.key_account(api_id, key_hash)
+        if found is None:
+            self._cache.get(api_id, {}).pop(key_hash, None)
+            return None
+        if self.cache_seconds > 0:
             if len(self._cache) > 10_000:
                 self._cache.clear()
-            self._cache[api_id] = (now + _CACHE_SECONDS, account)
-        return account
+            self._cache.setdefault(api_id, {})[key_hash] = (now + self.cache_seconds, found[0])
+        return found[0]

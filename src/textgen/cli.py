@@ -11,7 +11,7 @@ import signal
 import sys
 from typing import Any
 
-from textgen.catalog import from_micro, to_micro
+from textgen.catalog import from_micro
 from textgen.errors import TextgenError
 from textgen.settings import Settings, load_settings
 
@@ -36,21 +36,32 @@ async def _with_store(settings: Settings, action: Any) -> Any:
         await store.aclose()
 
 
-def _account_json(account: Any, api_key: str | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "api_id": account.api_id,
-        "name": account.name,
-        "remaining_credits": from_micro(account.balance),
-        "rate_limit_per_minute": account.rate_limit,
-        "key_prefix": account.key_prefix,
-        "webhook_secret": account.webhook_secret,
-        "created_at": account.created_at.isoformat(),
-    }
-    if account.webhook_secret_previous and account.webhook_secret_previous_until:
-        out["webhook_secret_previous_until"] = account.webhook_secret_previous_until.isoformat()
-    if api_key is not None:
-        out["api_key"] = api_key
-    return out
+def _admin(settings: Settings, work: Any) -> Any:
+    """Run ``work(admin)`` against the configured database: the same service the admin API calls."""
+    from textgen.admin import AccountAdmin
+
+    async def action(store: Any) -> Any:
+        admin = AccountAdmin(
+            store,
+            default_rate_limit=settings.default_rate_limit,
+            webhook_secret_grace=dt.timedelta(seconds=settings.webhook_secret_grace_seconds),
+        )
+        return await work(admin)
+
+    return asyncio.run(_with_store(settings, action))
+
+
+def _print(data: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(data))
+        return
+    for key, value in data.items():
+        if key == "keys":
+            for k in value:
+                state = f"revoked {k['revoked_at']}" if k["revoked_at"] else f"last used {k['last_used_at']}"
+                print(f"key: {k['key_id']} {k['prefix']}... created {k['created_at']}, {state}")
+        else:
+            print(f"{key}: {value}")
 
 
 def _bootstrap(settings: Settings, host: str, port: int) -> None:
@@ -138,53 +149,69 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_accounts(settings: Settings, args: argparse.Namespace) -> int:
-    from textgen.accounts import create_account, new_webhook_secret
+    from textgen.admin import account_view, key_view
+    from textgen.errors import NotFound
 
-    if args.accounts_command == "create":
+    command = args.accounts_command
+    if command == "create":
         credits = settings.default_credits if args.credits is None else args.credits
-        rpm = args.rate_limit or settings.default_rate_limit
-        created = asyncio.run(_with_store(settings, lambda s: create_account(s, args.name, credits, rpm)))
+        created = _admin(settings, lambda a: a.create(args.name, credits, args.rate_limit))
         if args.json:
-            print(json.dumps(_account_json(created.account, created.api_key)))
+            print(json.dumps({**account_view(created.account), "api_key": created.api_key}))
         else:
             print(
                 f"api_id:  {created.account.api_id}\napi_key: {created.api_key}\n(the key is shown only once)"
             )
         return 0
-    if args.accounts_command == "credit":
-        account = asyncio.run(_with_store(settings, lambda s: s.grant(args.api_id, to_micro(args.amount))))
+    if command == "list":
+        rows, _ = _admin(settings, lambda a: a.list_accounts(10_000, None))
+        for account in rows:
+            state = "disabled" if account.disabled else "active"
+            print(f"{account.api_id}  {from_micro(account.balance):g} credits  {state}  {account.name}")
+        return 0
+    if command == "credit":
+        account = _admin(settings, lambda a: a.credit(args.api_id, args.amount, args.reason))
         print(f"{account.api_id}: remaining_credits {from_micro(account.balance):g}")
         return 0
-    if args.accounts_command == "show":
-        account = asyncio.run(_with_store(settings, lambda s: s.account_by_api_id(args.api_id)))
-        if account is None:
-            print(f"no account with api_id {args.api_id!r}", file=sys.stderr)
+    if command == "show":
+        try:
+            account, keys = _admin(settings, lambda a: a.show(args.api_id))
+        except NotFound as exc:
+            print(exc.message, file=sys.stderr)
             return 1
-        data = _account_json(account)
-        if args.json:
-            print(json.dumps(data))
-        else:
-            for key, value in data.items():
-                print(f"{key}: {value}")
+        _print(account_view(account, keys), args.json)
         return 0
-    if args.accounts_command == "set-rate-limit":
-        asyncio.run(_with_store(settings, lambda s: s.set_rate_limit(args.api_id, args.rpm)))
+    if command == "set-rate-limit":
+        _admin(settings, lambda a: a.update(args.api_id, rate_limit=args.rpm))
         print(f"{args.api_id}: {args.rpm} requests per minute")
         return 0
-    if args.accounts_command == "rotate-webhook-secret":
-        grace = dt.timedelta(seconds=settings.webhook_secret_grace_seconds)
-        account = asyncio.run(
-            _with_store(settings, lambda s: s.rotate_webhook_secret(args.api_id, new_webhook_secret(), grace))
-        )
+    if command in ("disable", "enable"):
+        _admin(settings, lambda a: a.update(args.api_id, disabled=command == "disable"))
+        print(f"{args.api_id}: {command}d")
+        return 0
+    if command == "create-key":
+        created = _admin(settings, lambda a: a.create_key(args.api_id))
+        _print({**key_view(created.key), "api_key": created.api_key}, args.json)
+        return 0
+    if command == "keys":
+        keys = _admin(settings, lambda a: a.keys(args.api_id))
+        _print({"keys": [key_view(k) for k in keys]}, args.json)
+        return 0
+    if command == "revoke-key":
+        key = _admin(settings, lambda a: a.revoke_key(args.api_id, args.key_id))
+        print(f"{args.api_id}: key {key.id} ({key.prefix}...) revoked")
+        return 0
+    if command == "rotate-webhook-secret":
+        account = _admin(settings, lambda a: a.rotate_webhook_secret(args.api_id))
         if args.json:
-            print(json.dumps(_account_json(account)))
+            print(json.dumps(account_view(account)))
         else:
             print(
                 f"webhook_secret: {account.webhook_secret}\n(the previous secret keeps signing until "
                 f"{account.webhook_secret_previous_until.isoformat()})"
             )
         return 0
-    raise AssertionError(args.accounts_command)
+    raise AssertionError(command)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -206,9 +233,22 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--credits", type=float)
     create.add_argument("--rate-limit", type=int, help="requests per minute")
     create.add_argument("--json", action="store_true")
-    credit = acc.add_parser("credit")
+    acc.add_parser("list", help="every account with its balance and state")
+    credit = acc.add_parser("credit", help="add credits (negative: remove), with a reason")
     credit.add_argument("api_id")
     credit.add_argument("amount", type=float)
+    credit.add_argument("--reason", default="textgen accounts credit")
+    for name, what in (("disable", "refuse every request; fail pending tasks"), ("enable", "undo disable")):
+        acc.add_parser(name, help=what).add_argument("api_id")
+    create_key = acc.add_parser("create-key", help="a new API key (shown once)")
+    create_key.add_argument("api_id")
+    create_key.add_argument("--json", action="store_true")
+    keys = acc.add_parser("keys", help="the account's keys (prefix, created, last used, revoked)")
+    keys.add_argument("api_id")
+    keys.add_argument("--json", action="store_true")
+    revoke = acc.add_parser("revoke-key")
+    revoke.add_argument("api_id")
+    revoke.add_argument("key_id")
     show = acc.add_parser("show")
     show.add_argument("api_id")
     show.add_argument("--json", action="store_true")

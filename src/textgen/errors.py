@@ -29,6 +29,14 @@ class PaymentRequired(TextgenError):
     status_code = 402
 
 
+class Forbidden(TextgenError):
+    status_code = 403
+
+
+class AccountDisabled(Forbidden):
+    """The account was disabled by the operator: every request is refused."""
+
+
 class NotFound(TextgenError):
     status_code = 404
 

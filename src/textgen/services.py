@@ -94,7 +94,7 @@ class Services:
             settings=settings,
             store=store,
             registry=registry,
-            auth=Authenticator(store),
+            auth=Authenticator(store, settings.auth_cache_seconds),
             limiter=RateLimiter(settings.redis_url),
             runner=runner,
             tasks=tasks,

@@ -34,6 +34,17 @@ class Settings(BaseSettings):
         gt=0,
         description="largest request body (413 above); fits a 100 MB video in base64",
     )
+    admin_token: str | None = Field(
+        None,
+        description="enables the admin API and usage page under `/admin/` (a bearer token; keep it secret)",
+    )
+    auth_cache_seconds: float = Field(
+        2.0,
+        ge=0,
+        le=60,
+        description="how long a process trusts a checked API key: a key revoked or account disabled "
+        "elsewhere stops working here within this bound",
+    )
     default_rate_limit: int = Field(60, gt=0, description="requests per minute of new accounts")
     default_credits: float = Field(100.0, ge=0, description="credits of new accounts")
     credits_per_usd: float = Field(100.0, gt=0, description="credits charged per USD of model list price")

@@ -15,10 +15,12 @@ from starlette.routing import Route
 
 from textgen.errors import TextgenError
 from textgen.http import routes
+from textgen.http.admin import admin_routes
 from textgen.http.errors import handle
 from textgen.http.middleware import RequestContextMiddleware
 from textgen.http.openapi import build_openapi
 from textgen.http.streaming import stream_task
+from textgen.http.usage import usage
 from textgen.http.webhooks import webhook_routes
 from textgen.providers import Provider
 from textgen.services import ProviderFactory, Services, default_providers
@@ -62,6 +64,8 @@ def create_app(
             Route("/api/text_generator/{task_id:str}/", routes.get_task, methods=["GET"]),
             *webhook_routes(),
             Route("/api/remaining_credits/", routes.remaining_credits, methods=["GET"]),
+            Route("/api/usage/", usage, methods=["GET"]),
+            *admin_routes(settings),
             Route("/sse/models/", routes.list_models, methods=["GET"]),
             Route("/healthz", routes.healthz, methods=["GET"]),
             Route("/readyz", routes.readyz, methods=["GET"]),

@@ -8,6 +8,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from textgen import __version__
+from textgen.http.admin_openapi import ADMIN_SECURITY_SCHEME, admin_paths
 from textgen.protocol import (
     ErrorBody,
     ModelList,
@@ -207,6 +208,7 @@ def build_openapi() -> dict[str, Any]:
             }
         },
     }
+    paths.update(admin_paths(auth))
     return {
         "openapi": "3.0.3",
         "info": {
@@ -220,6 +222,7 @@ def build_openapi() -> dict[str, Any]:
             "securitySchemes": {
                 "X-API-ID": {"type": "apiKey", "in": "header", "name": "X-API-ID"},
                 "X-API-KEY": {"type": "apiKey", "in": "header", "name": "X-API-KEY"},
+                **ADMIN_SECURITY_SCHEME,
             },
         },
     }

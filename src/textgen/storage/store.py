@@ -21,10 +21,17 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from textgen.errors import InsufficientCredits, NotFound, StorageUnavailable
+from textgen.errors import AccountDisabled, InsufficientCredits, NotFound, StorageUnavailable
 from textgen.notify import DELIVERIES_CHANNEL, TASKS_CHANNEL
 from textgen.storage.engine import sqlite_sync_engine
-from textgen.storage.tables import accounts, ledger, tasks, webhook_attempts, webhook_deliveries
+from textgen.storage.tables import (
+    accounts,
+    api_keys,
+    ledger,
+    tasks,
+    webhook_attempts,
+    webhook_deliveries,
+)
 
 T = TypeVar("T")
 
@@ -39,8 +46,6 @@ def utcnow() -> dt.datetime:
 class AccountRow:
     id: int
     api_id: str
-    key_hash: str
-    key_prefix: str
     name: str
     balance: int
     rate_limit: int
@@ -48,6 +53,7 @@ class AccountRow:
     webhook_secret_previous: str | None
     webhook_secret_previous_until: dt.datetime | None
     created_at: dt.datetime
+    disabled: bool
 
     def signing_secrets(self, now: dt.datetime) -> list[str]:
         secrets = [self.webhook_secret]
@@ -122,7 +128,11 @@ _ACCOUNT_BY_API_ID = sa.select(accounts).where(accounts.c.api_id == _b("api_id")
 _ACCOUNT_BY_ID = sa.select(accounts).where(accounts.c.id == _b("account_id"))
 _RESERVE = (
     accounts.update()
-    .where(accounts.c.id == _b("account_id"), accounts.c.balance >= _b("amount"))
+    .where(
+        accounts.c.id == _b("account_id"),
+        accounts.c.balance >= _b("amount"),
+        accounts.c.disabled == sa.false(),
+    )
     .values(balance=accounts.c.balance - _b("amount"))
     .returning(accounts.c.balance)
 )
@@ -269,6 +279,7 @@ class Store:
         self,
         *,
         api_id: str,
+        key_id: str,
         key_hash: str,
         key_prefix: str,
         name: str,
@@ -276,7 +287,7 @@ class Store:
         rate_limit: int,
         webhook_secret: str,
     ) -> AccountRow:
-        """Create an account and record its opening grant in the ledger."""
+        """Create an account with its first API key and record its opening grant in the ledger."""
         now = utcnow()
 
         def work(conn: Connection) -> AccountRow:
@@ -284,8 +295,6 @@ class Store:
                 accounts.insert()
                 .values(
                     api_id=api_id,
-                    key_hash=key_hash,
-                    key_prefix=key_prefix,
                     name=name,
                     balance=credits,
                     rate_limit=rate_limit,
@@ -294,6 +303,11 @@ class Store:
                 )
                 .returning(*accounts.c)
             ).one()
+            conn.execute(
+                api_keys.insert().values(
+                    id=key_id, account_id=row.id, key_hash=key_hash, prefix=key_prefix, created_at=now
+                )
+            )
             conn.execute(
                 _INSERT_LEDGER,
                 {
@@ -434,6 +448,8 @@ class Store:
         def work(conn: Connection) -> None:
             balance_after = conn.execute(_RESERVE, {"account_id": account_id, "amount": reserve}).scalar()
             if balance_after is None:
+                if conn.execute(_ACCOUNT_BY_ID, {"account_id": account_id}).one().disabled:
+                    raise AccountDisabled("this account is disabled; ask the operator to enable it")
                 raise InsufficientCredits(
                     f"not enough credits: this request may cost up to {reserve / 1_000_000:g} credits"
                 )

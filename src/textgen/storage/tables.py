@@ -45,8 +45,6 @@ accounts = sa.Table(
     metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("api_id", sa.String(64), nullable=False, unique=True),
-    sa.Column("key_hash", sa.String(128), nullable=False),
-    sa.Column("key_prefix", sa.String(16), nullable=False),
     sa.Column("name", sa.String(255), nullable=False),
     sa.Column("balance", sa.BigInteger, nullable=False),
     sa.Column("rate_limit", sa.Integer, nullable=False),
@@ -54,7 +52,22 @@ accounts = sa.Table(
     sa.Column("webhook_secret_previous", sa.String(128), nullable=True),
     sa.Column("webhook_secret_previous_until", UTCDateTime, nullable=True),
     sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("disabled", sa.Boolean, nullable=False, server_default=sa.text("false")),
     sa.CheckConstraint("balance >= 0", name="ck_accounts_balance_nonnegative"),
+)
+
+# An account's API keys: any live (not revoked) key authenticates as the account. Only hashes are stored.
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("account_id", sa.Integer, sa.ForeignKey("accounts.id"), nullable=False),
+    sa.Column("key_hash", sa.String(128), nullable=False, unique=True),
+    sa.Column("prefix", sa.String(16), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("last_used_at", UTCDateTime, nullable=True),
+    sa.Column("revoked_at", UTCDateTime, nullable=True),
+    sa.Index("ix_api_keys_account", "account_id", "created_at"),
 )
 
 tasks = sa.Table(
@@ -90,10 +103,11 @@ ledger = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("account_id", sa.Integer, sa.ForeignKey("accounts.id"), nullable=False),
     sa.Column("task_id", sa.String(36), nullable=True),
-    sa.Column("kind", sa.String(16), nullable=False),  # grant | reserve | settle | release
+    sa.Column("kind", sa.String(16), nullable=False),  # grant | adjust | reserve | settle | release
     sa.Column("amount", sa.BigInteger, nullable=False),  # signed micro-credits
     sa.Column("balance_after", sa.BigInteger, nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("reason", sa.String(255), nullable=True),  # why an operator credited or debited
     sa.Index("ix_ledger_account", "account_id", "id"),
     sa.Index("ix_ledger_task", "task_id"),
 )
