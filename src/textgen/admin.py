@@ -83,8 +83,8 @@ def check_credits(amount: Any, field: str, *, allow_negative: bool) -> int:
 
 
 def check_rate_limit(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1_000_000:
-        raise BadRequest("rate_limit: must be an integer between 1 and 1000000 (requests per minute)")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1_000_000_000:
+        raise BadRequest("rate_limit: must be an integer between 1 and 1000000000 (requests per minute)")
     return value
 
 

@@ -90,7 +90,7 @@ def _paths(account_auth: list[dict[str, list[str]]]) -> dict[str, Any]:
                     {
                         "name": {"type": "string", "maxLength": 255},
                         "credits": {**_CREDITS, "minimum": 0},
-                        "rate_limit": {"type": "integer", "minimum": 1, "maximum": 1000000},
+                        "rate_limit": {"type": "integer", "minimum": 1, "maximum": 1000000000},
                     },
                     ["name"],
                 ),
