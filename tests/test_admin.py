@@ -305,6 +305,8 @@ async def test_usage_reconciles_with_remaining_credits(
                 ("group_by=week", "group_by"),
                 ("from=yesterday", "from"),
                 ("to=2025-13-01", "to"),
+                ("to=9999-12-31", "to"),
+                ("from=0001-01-01T00:00:00%2B05:00", "from"),
                 ("from=2025-02-01&to=2025-01-01", "from"),
                 ("limit=5", "unknown query parameter"),
             ]:

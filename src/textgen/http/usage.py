@@ -22,9 +22,10 @@ def parse_instant(value: str, field: str, *, end: bool) -> dt.datetime:
             start = dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
             return start + dt.timedelta(days=1) if end else start
         moment = dt.datetime.fromisoformat(value)
-    except ValueError:
+        moment = moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment.astimezone(dt.UTC)
+    except (ValueError, OverflowError):
         raise BadRequest(f"{field}: must be an ISO 8601 date (2025-01-31) or date-time") from None
-    return moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment.astimezone(dt.UTC)
+    return moment
 
 
 async def usage(request: Request) -> Response:

@@ -19,6 +19,7 @@ from textgen.storage.tables import accounts, api_keys, ledger, tasks, webhook_at
 
 # last_used_at is written at most this often per key (it is a hint for operators, not an audit log).
 LAST_USED_RESOLUTION = dt.timedelta(seconds=60)
+MAX_BALANCE = 10**18  # micro-credits (a million million credits): far from the 64-bit limit
 DISABLED_REASON = "account disabled by the operator before the task started"
 
 
@@ -178,10 +179,16 @@ class AdminStore:
             account = self._account_or_404(conn, api_id)
             row = conn.execute(
                 accounts.update()
-                .where(accounts.c.id == account.id, accounts.c.balance + amount >= 0)
+                .where(
+                    accounts.c.id == account.id,
+                    accounts.c.balance + amount >= 0,
+                    accounts.c.balance + amount <= MAX_BALANCE,
+                )
                 .values(balance=accounts.c.balance + amount)
                 .returning(*accounts.c)
             ).first()
+            if row is None and amount > 0:
+                raise BadRequest(f"amount: the balance may hold at most {MAX_BALANCE // 1_000_000} credits")
             if row is None:
                 raise BadRequest(
                     f"amount: a debit of {-amount / 1_000_000:g} credits would take the balance of "
