@@ -7,8 +7,11 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import os
+import shutil
 import signal
 import sys
+import tempfile
 from typing import Any
 
 from textgen.catalog import from_micro
@@ -107,6 +110,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     if not args.no_migrate:
         upgrade(settings)
     _bootstrap(settings, host, port)
+    created = _share_metrics(args.workers)
     uvicorn.run(
         "textgen.http.asgi:app_factory",
         factory=True,
@@ -116,10 +120,29 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=int(settings.shutdown_timeout_seconds),
     )
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
     return 0
 
 
+def _share_metrics(workers: int) -> str | None:
+    """With several worker processes on one port, let each scrape report all of them (multiprocess mode).
+
+    Returns the directory made for it, to remove at exit (None when there is none, or it was given).
+    """
+    from textgen import metrics
+
+    given = metrics.multiprocess_dir()
+    if given is None and workers <= 1:
+        return None
+    path = given or tempfile.mkdtemp(prefix="textgen-metrics-")
+    metrics.prepare_multiprocess_dir(path)
+    os.environ[metrics.MULTIPROC_ENV] = path  # inherited by the worker processes uvicorn starts
+    return None if given else path
+
+
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from textgen.http.metrics import MetricsServer
     from textgen.services import Services, default_providers
 
     async def main() -> None:
@@ -133,6 +156,9 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        exposed = MetricsServer(svc, args.metrics_host or settings.host, args.metrics_port)
+        if args.metrics_port is not None:
+            await exposed.start()
         run = asyncio.create_task(svc.worker.run(burst=args.burst))
         logging.getLogger("textgen.worker").info(
             "worker %s ready (%d tasks in flight at most)", svc.worker.worker_id, svc.worker.concurrency
@@ -141,6 +167,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         await asyncio.wait([run, waiter], return_when=asyncio.FIRST_COMPLETED)
         logging.getLogger("textgen.worker").info("worker stopping")
         await svc.aclose()
+        await exposed.stop()
         waiter.cancel()
         await asyncio.gather(run, waiter, return_exceptions=True)
 
@@ -225,6 +252,8 @@ def parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run a task worker without the HTTP API")
     worker.add_argument("--concurrency", type=int, help="tasks in flight in this process")
     worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
+    worker.add_argument("--metrics-port", type=int, help="serve GET /metrics on this port")
+    worker.add_argument("--metrics-host", help="address of --metrics-port (default TEXTGEN_HOST)")
     sub.add_parser("migrate", help="apply database migrations")
     accounts = sub.add_parser("accounts", help="manage accounts")
     acc = accounts.add_subparsers(dest="accounts_command", required=True)

@@ -36,7 +36,8 @@ class Settings(BaseSettings):
     )
     admin_token: str | None = Field(
         None,
-        description="enables the admin API and usage page under `/admin/` (a bearer token; keep it secret)",
+        description="enables the admin API and usage page under `/admin/` and guards `GET /metrics` "
+        "(a bearer token; keep it secret)",
     )
     auth_cache_seconds: float = Field(
         2.0,

@@ -13,10 +13,12 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
+from textgen import metrics
 from textgen.errors import TextgenError
 from textgen.http import routes
 from textgen.http.admin import admin_routes
 from textgen.http.errors import handle
+from textgen.http.metrics import metrics_route
 from textgen.http.middleware import RequestContextMiddleware
 from textgen.http.openapi import build_openapi
 from textgen.http.streaming import stream_task
@@ -54,6 +56,7 @@ def create_app(
             yield {}
         finally:
             await svc.aclose()
+            metrics.process_exiting()
 
     app = Starlette(
         routes=[
@@ -69,6 +72,7 @@ def create_app(
             Route("/sse/models/", routes.list_models, methods=["GET"]),
             Route("/healthz", routes.healthz, methods=["GET"]),
             Route("/readyz", routes.readyz, methods=["GET"]),
+            metrics_route(),
             Route("/openapi.json", routes.openapi, methods=["GET"]),
             Route("/docs", routes.docs, methods=["GET"]),
         ],

@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from textgen import metrics
 from textgen.errors import TextgenError
 
 log = logging.getLogger("textgen.http")
@@ -54,6 +55,7 @@ def describe_validation(exc: ValidationError) -> str:
 
 def error_response(exc: Exception, request_id: str | None = None) -> Response:
     if isinstance(exc, TextgenError):
+        metrics.refused(exc)
         status = exc.status_code
         headers = dict(exc.headers)
         if status in (429, 503) and "Retry-After" not in headers:

@@ -9,6 +9,7 @@ import uuid
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from textgen import metrics
 from textgen.errors import PayloadTooLarge
 from textgen.http.errors import error_response
 from textgen.timing import RequestTiming, current_timing
@@ -47,6 +48,7 @@ class RequestContextMiddleware:
                     response = error_response(
                         PayloadTooLarge(f"request body is larger than the {limit} byte limit"), request_id
                     )
+                    metrics.request_answered(scope, 413, time.perf_counter() - started)
                     await response(scope, receive, send)
                     return
         received = 0
@@ -60,15 +62,24 @@ class RequestContextMiddleware:
                     raise PayloadTooLarge(f"request body is larger than the {limit} byte limit")
             return message
 
+        answered = False
+
         async def send_with_headers(message: Message) -> None:
+            nonlocal answered
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
                 headers["x-request-id"] = request_id
-                overhead = (time.perf_counter() - started - timing.upstream_seconds) * 1000
-                headers["x-textgen-overhead-ms"] = f"{max(overhead, 0.0):.3f}"
+                overhead = max(time.perf_counter() - started - timing.upstream_seconds, 0.0)
+                headers["x-textgen-overhead-ms"] = f"{overhead * 1000:.3f}"
+                answered = True
+                metrics.request_answered(scope, message["status"], overhead)
             await send(message)
 
         try:
             await self.app(scope, limited_receive, send_with_headers)
+        except Exception:
+            if not answered:  # the outermost error handler answers 500 after this middleware has returned
+                metrics.request_answered(scope, 500, time.perf_counter() - started - timing.upstream_seconds)
+            raise
         finally:
             current_timing.reset(token)

@@ -207,6 +207,19 @@ def build_openapi() -> dict[str, Any]:
                 "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}},
             }
         },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics (with TEXTGEN_ADMIN_TOKEN set: Authorization: Bearer <token>)",
+                "operationId": "metrics",
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text exposition (OpenMetrics when the Accept header asks).",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    "401": {"description": "Missing or wrong admin token.", "content": _ERR},
+                },
+            }
+        },
     }
     paths.update(admin_paths(auth))
     return {

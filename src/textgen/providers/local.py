@@ -25,6 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, cast
 
+from textgen import metrics
 from textgen.catalog import ModelSpec
 from textgen.errors import BadRequest, ConfigurationError, UpstreamError
 from textgen.protocol import GenerationInput
@@ -486,7 +487,7 @@ class LocalProvider:
             raise UpstreamError("the local model is not loaded", status_code=503)
         account = job.account or current_account.get() or ""
         prompt_text, _, _ = self._engines[0].render(job.messages)
-        engine = await self.pool.acquire(account, prompt_text)
+        engine = await metrics.local_pool_wait(self.pool.acquire(account, prompt_text))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         cancel = threading.Event()

@@ -208,6 +208,16 @@ def _claim_statement(postgres: bool) -> sa.Update:
     )
 
 
+_TASK_DEPTH = (
+    sa.select(tasks.c.status, sa.func.count())
+    .where(tasks.c.status.in_(["pending", "running"]))
+    .group_by(tasks.c.status)
+)
+_DELIVERY_BACKLOG = (
+    sa.select(sa.func.count()).select_from(webhook_deliveries).where(webhook_deliveries.c.status == "pending")
+)
+
+
 def webhook_payload(task: TaskRow) -> dict[str, Any]:
     """The guide's webhook body for a finished task."""
     return {
@@ -640,6 +650,16 @@ class Store:
             ).all()
         )
         return {str(status): int(count) for status, count in rows}
+
+    async def queue_depth(self) -> tuple[dict[str, int], int]:
+        """Tasks pending and running, by status, and webhook deliveries pending (counts on status indexes)."""
+
+        def work(conn: Connection) -> tuple[dict[str, int], int]:
+            rows = conn.execute(_TASK_DEPTH).all()
+            backlog = int(conn.execute(_DELIVERY_BACKLOG).scalar_one())
+            return {str(status): int(count) for status, count in rows}, backlog
+
+        return await self._run(work)
 
     # ---- webhook deliveries (the outbox) --------------------------------------------------------
 

@@ -22,7 +22,7 @@ import httpcore
 import httpx
 from standardwebhooks import Webhook
 
-from textgen import __version__
+from textgen import __version__, metrics
 from textgen.errors import ConfigurationError, StorageUnavailable
 from textgen.settings import Settings
 from textgen.storage.store import AttemptRecord, DeliveryRow, Store, utcnow
@@ -225,6 +225,7 @@ class WebhookSender:
             outcome=outcome,
             next_attempt_at=next_at,
         )
+        metrics.webhook_attempt(outcome, result.status_code)
         if outcome != "delivered":
             log.info("webhook %s (task %s) attempt %d: %s", delivery.id, delivery.task_id, number, error)
         await self._record(delivery, record)
