@@ -236,3 +236,20 @@ async def test_without_a_token_metrics_are_open(tmp_path: Path, models_file: Pat
         response = await client.get("/metrics")
     assert response.status_code == 200
     assert "# TYPE textgen_http_requests_total counter" in response.text
+
+
+async def test_local_pool_wait_is_observed_once_per_generation(tmp_path: Path) -> None:
+    async with run_server(make_settings(tmp_path, local_model_instances=1)) as server:
+        account = await server.account()
+        before = await scrape(server)
+        local = {
+            "model_name": "smollm2-135m-instruct",
+            "messages": [{"role": "user", "content": "Say hi."}],
+            "config": {"max_output_tokens": 4},
+            "sync": True,
+        }
+        async with server.client(account) as client:
+            answers = await asyncio.gather(*(client.post(CREATE, json=local) for _ in range(3)))
+        assert [a.json()["status"] for a in answers] == ["done"] * 3
+        after = await scrape(server)
+    assert delta(after, before, "textgen_local_pool_wait_seconds_count") == 3
