@@ -80,6 +80,12 @@ async def test_counters_after_sync_async_stream_402_429_and_a_webhook(
             await receiver.wait(1)
             polled = await client.get(f"/sse/text_generator/{queued.json()['id']}/")
             assert polled.json()["status"] == "done"
+            charged = [sync.json()["credits_used"], polled.json()["credits_used"]]
+            charged.append(events[-1]["creatify"]["credits_used"])
+            tokens = [(sync.json()["input_tokens"], sync.json()["output_tokens"])]
+            tokens.append((polled.json()["input_tokens"], polled.json()["output_tokens"]))
+            streamed = await client.get(f"/sse/text_generator/{events[-1]['creatify']['id']}/")
+            tokens.append((streamed.json()["input_tokens"], streamed.json()["output_tokens"]))
             assert (await client.get("/no/such/path")).status_code == 404
         async with server.client(poor) as client:
             refused = await client.post(CREATE, json=body(config={"max_output_tokens": 100}))
@@ -95,7 +101,7 @@ async def test_counters_after_sync_async_stream_402_429_and_a_webhook(
     assert delta(after, before, requests, method="POST", route=CREATE, status="201") == 2
     assert delta(after, before, requests, method="POST", route=CREATE, status="402") == 1
     assert delta(after, before, requests, method="POST", route=STREAM, status="200") == 1
-    assert delta(after, before, requests, method="GET", route=POLL, status="200") == 1
+    assert delta(after, before, requests, method="GET", route=POLL, status="200") == 2
     assert delta(after, before, requests, method="GET", route="/api/remaining_credits/", status="200") == 1
     assert delta(after, before, requests, method="GET", route="/api/remaining_credits/", status="429") == 1
     assert delta(after, before, requests, method="GET", route="unmatched", status="404") == 1
@@ -115,6 +121,19 @@ async def test_counters_after_sync_async_stream_402_429_and_a_webhook(
     assert delta(after, before, "textgen_refusals_total", reason="credits") == 1
     assert delta(after, before, "textgen_webhook_attempts_total", outcome="delivered", answer="2xx") == 1
     assert delta(after, before, "textgen_webhook_attempts_total", outcome="will_retry", answer="5xx") == 0
+    model = {"model": "fake-model"}
+    assert delta(after, before, "textgen_task_outcomes_total", status="done", failure="none", **model) == 3
+    assert (
+        delta(after, before, "textgen_tokens_total", kind="input", **model) == sum(i for i, _ in tokens) == 21
+    )
+    assert (
+        delta(after, before, "textgen_tokens_total", kind="output", **model)
+        == sum(o for _, o in tokens)
+        == 14
+    )
+    assert abs(delta(after, before, "textgen_credits_charged_total", **model) - sum(charged)) < 1e-9
+    assert delta(after, before, "textgen_upstream_seconds_count", **model) == 3
+    assert delta(after, before, "textgen_upstream_first_chunk_seconds_count", **model) == 1
     assert after.get("textgen_tasks_in_flight", provider="fake") == 0
     assert after.get("textgen_queue_tasks", status="pending") == 0
     assert after.get("textgen_queue_tasks", status="running") == 0
@@ -253,3 +272,68 @@ async def test_local_pool_wait_is_observed_once_per_generation(tmp_path: Path) -
         assert [a.json()["status"] for a in answers] == ["done"] * 3
         after = await scrape(server)
     assert delta(after, before, "textgen_local_pool_wait_seconds_count") == 3
+
+
+async def test_in_flight_and_failures_by_class(tmp_path: Path, models_file: Path) -> None:
+    gate = asyncio.Event()
+    provider = FakeProvider(gate=gate, chunk_delay=0.05)
+    settings = make_settings(tmp_path, models_file=models_file, sync_timeout_seconds=0.5)
+    async with run_server(settings, {"fake": provider}) as server:
+        account = await server.account()
+        before = Scrape(metrics.exposition(None)[0].decode())  # not over HTTP: that would cache the queue
+        async with server.client(account) as client:
+            # Held at the gate: in flight, running.
+            queued = (await client.post(CREATE, json=body())).json()
+            await provider.started.wait()
+            held = await scrape(server)
+            assert held.get("textgen_tasks_in_flight", provider="fake") == 1
+            assert held.get("textgen_queue_tasks", status="running") == 1
+            # The gate never opens for a sync request within its time.
+            timed_out = (await client.post(CREATE, json=body(sync=True))).json()
+            assert timed_out["failed_reason"] == "timed out after 0.5 s"
+            gate.set()
+            assert (await server.wait_for(account, queued["id"]))["status"] == "done"
+            # A stream whose client leaves after the first event.
+            async with aconnect_sse(client, "POST", STREAM, json=body()) as source:
+                async for _ in source.aiter_sse():
+                    break
+        provider.fail_with = "upstream said no: model overloaded"
+        async with server.client(account) as client:
+            failed = (await client.post(CREATE, json=body(sync=True))).json()
+            assert failed["failed_reason"] == "upstream said no: model overloaded"
+        outcomes = "textgen_task_outcomes_total"
+        failure = {"model": "fake-model", "status": "failed"}
+        for _ in range(500):  # the abandoned stream settles once its disconnect is noticed
+            after = await scrape(server)
+            if delta(after, before, outcomes, failure="client_disconnected", **failure):
+                break
+            await asyncio.sleep(0.02)
+    assert delta(after, before, outcomes, model="fake-model", status="done", failure="none") == 1
+    assert delta(after, before, outcomes, failure="timeout", **failure) == 1
+    assert delta(after, before, outcomes, failure="client_disconnected", **failure) == 1
+    assert delta(after, before, outcomes, failure="upstream", **failure) == 1
+    assert after.get("textgen_tasks_in_flight", provider="fake") == 0
+    # Every generation was timed once: the queued one, the timed-out one, the stream, the failure.
+    assert delta(after, before, "textgen_upstream_seconds_count", model="fake-model") == 4
+
+
+def test_every_failure_reason_has_a_bounded_class() -> None:
+    from textgen.runner import INTERRUPTED_STREAM
+    from textgen.streaming import CLIENT_DISCONNECTED
+
+    reasons = {
+        CLIENT_DISCONNECTED: "client_disconnected",
+        INTERRUPTED_STREAM: "interrupted",
+        "lease lost": "lease_lost",
+        "timed out after 600 s": "timeout",
+        "internal error while generating (task abc, see server log)": "internal",
+        "generation failed: KeyError": "internal",
+        "model_name: model 'x' is not configured on this server (provider 'gemini' is not available)": "rejected",
+        "stored request is invalid: 1 validation error": "rejected",
+        "Gemini blocked the prompt (SAFETY)": "upstream",
+        "the local model produced a malformed function call: {": "upstream",
+        "": "upstream",
+    }
+    for reason, expected in reasons.items():
+        assert metrics.failure_class(reason) == expected, reason
+        assert metrics.failure_class(reason) in metrics.FAILURE_CLASSES

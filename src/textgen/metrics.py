@@ -218,10 +218,13 @@ class FinishedTask(Protocol):
 _MICRO = 1_000_000
 
 
-def task_finished(task: FinishedTask | None) -> None:
-    """Count a settled task (None, for an outcome another worker recorded, counts nothing)."""
+F = TypeVar("F", bound=FinishedTask | None)
+
+
+def task_finished(task: F) -> F:
+    """Count a settled task and return it (None, an outcome another worker recorded, counts nothing)."""
     if task is None:
-        return
+        return task
     model = task.model_name
     status = str(task.status)
     failure = "none" if status == "done" else failure_class(task.failed_reason)
@@ -232,6 +235,7 @@ def task_finished(task: FinishedTask | None) -> None:
         TOKENS.labels(model, "output").inc(task.output_tokens)
     if task.credits_used:
         CREDITS.labels(model).inc(task.credits_used / _MICRO)
+    return task
 
 
 async def local_pool_wait(acquiring: Awaitable[T]) -> T:
@@ -331,7 +335,11 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a killed process stays a zombie until its parent reaps it; it runs nothing any more
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 class _Collected:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 
+from textgen import metrics
 from textgen.catalog import Pricing
 from textgen.errors import StorageUnavailable, TextgenError, UpstreamError
 from textgen.protocol import GenerationInput
@@ -81,7 +81,7 @@ class Runner:
         heartbeat = asyncio.ensure_future(
             hold_lease(self.store, task.id, worker_id, self.lease_seconds, on_lost=generation.cancel)
         )
-        started = time.perf_counter()
+        watch = metrics.generation_started(spec.name, spec.provider)
         try:
             result: Generation = await generation
         except asyncio.CancelledError:
@@ -99,7 +99,7 @@ class Runner:
                 failed_reason=f"internal error while generating (task {task.id}, see server log)",
             )
         finally:
-            add_upstream(time.perf_counter() - started)
+            add_upstream(watch.done())
             heartbeat.cancel()
             if not generation.done():
                 generation.cancel()
@@ -122,7 +122,7 @@ class Runner:
         delay = 0.2
         for attempt in range(8):
             try:
-                return await self.store.finish_task(task_id, worker_id, outcome)
+                return metrics.task_finished(await self.store.finish_task(task_id, worker_id, outcome))
             except StorageUnavailable as exc:
                 log.warning("task %s: could not record outcome (%s), attempt %d", task_id, exc, attempt + 1)
                 await asyncio.sleep(delay)

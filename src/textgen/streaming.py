@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from textgen import metrics
 from textgen.catalog import from_micro
 from textgen.errors import TextgenError, UpstreamError
 from textgen.protocol import StreamRequest
@@ -98,6 +98,7 @@ class StreamSession:
         chunks: AsyncIterator[StreamChunk],
         first: StreamChunk | None,
         heartbeat: asyncio.Future[None],
+        watch: metrics.GenerationWatch,
     ) -> None:
         self.service = service
         self.task = task
@@ -106,6 +107,7 @@ class StreamSession:
         self._acc = _Accumulated()
         self._finished = False
         self._heartbeat = heartbeat
+        self._watch = watch
 
     @classmethod
     async def open(cls, service: TaskService, account: AccountRow, request: StreamRequest) -> StreamSession:
@@ -127,12 +129,14 @@ class StreamSession:
         )
         current_account.set(str(account.id))  # fair queueing across accounts on the local model
         chunks = provider.stream(spec, request).__aiter__()
-        started = time.perf_counter()
+        watch = metrics.generation_started(spec.name, spec.provider)
         try:
             first: StreamChunk | None = await chunks.__anext__()
+            watch.first_chunk()
         except StopAsyncIteration:
             first = None
         except BaseException as exc:
+            watch.done()
             heartbeat.cancel()
             with contextlib.suppress(Exception):
                 await chunks.aclose()  # type: ignore[attr-defined]
@@ -148,8 +152,8 @@ class StreamSession:
                 raise
             raise UpstreamError(reason) from exc
         finally:
-            add_upstream(time.perf_counter() - started)
-        return cls(service, task, chunks, first, heartbeat)
+            add_upstream(watch.elapsed())
+        return cls(service, task, chunks, first, heartbeat, watch)
 
     async def events(self) -> AsyncIterator[StreamEvent]:
         """Gemini-native chunks; the last also carries ``creatify: {id, credits_used}``."""
@@ -219,5 +223,6 @@ class StreamSession:
 
     async def _finish(self, outcome: Outcome) -> TaskRow | None:
         self._finished = True
+        self._watch.done()
         self._heartbeat.cancel()
         return await self.service.runner.finish(self.task.id, self.service.worker_id, outcome)
