@@ -734,7 +734,10 @@ def test_refused_ports_setting() -> None:
 async def test_refused_ports_can_be_lifted(tmp_path: Path, models_file: Path) -> None:
     settings = settings_for(tmp_path, models_file, webhook_allow_private=False, webhook_refused_ports="")
     async with run_server(settings, {"fake": FakeProvider()}, run_worker=False) as server:
-        account = await server.account()
-        async with server.client(account) as client:
+        # An account that cannot pay: the URL check runs before the reservation, so a 402 (not a 400) shows
+        # the port passed the guard, and no task exists whose webhook could ever be sent.
+        broke = await server.account(credits=0)
+        async with server.client(broke) as client:
             response = await client.post("/sse/text_generator/", json=body("http://93.184.215.14:22/h"))
-            assert response.status_code == 201, response.text
+            assert response.status_code == 402, response.text
+            assert (await client.get("/sse/text_generator/")).json()["results"] == []

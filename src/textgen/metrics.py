@@ -111,10 +111,11 @@ def request_answered(scope: MutableMapping[str, Any], status: int, overhead_seco
     route = scope.get("route")
     template: str = getattr(route, "path_format", None) or UNMATCHED
     method: str = scope.get("method", "GET")
-    key = (method, template, status)
+    # Keyed by the label values, so that odd methods cannot grow this cache beyond the bounded series.
+    shown = method if method in _METHODS else "other"
+    key = (shown, template, status)
     children = _request_children.get(key)
     if children is None:
-        shown = method if method in _METHODS else "other"
         children = (
             HTTP_REQUESTS.labels(shown, template, str(status)),
             HTTP_OVERHEAD.labels(shown, template),

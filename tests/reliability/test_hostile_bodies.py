@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
+import pytest
 from pydantic import ValidationError
 
 from tests.conftest import run_server
@@ -37,12 +38,11 @@ async def test_thousands_of_invalid_parts_are_described_from_an_account_without_
 
 
 def test_the_validation_filter_keeps_inner_errors_and_drops_their_enclosing_ones() -> None:
-    try:
+    with pytest.raises(ValidationError) as raised:
         TextGenRequest.model_validate_json(
             '{"model_name": "m", "messages": [{"role": "user", "content": [{"type": "bogus"}]}]}'
         )
-    except ValidationError as exc:
-        message = errors.describe_validation(exc)
+    message = errors.describe_validation(raised.value)
     # The str branch of content's union ("messages[0].content: Input should be a valid string") is dropped:
     # an error inside the list branch says what is wrong.
     assert message.startswith("messages[0].content[0]"), message
