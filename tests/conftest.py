@@ -73,7 +73,7 @@ class Server:
         return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=60, **kwargs)
 
     async def account(self, credits: float = 100.0, rate_limit: int = 1000, name: str = "test") -> Account:
-        created = await create_account(self.services.store, name, credits, rate_limit)
+        created = await create_account(self.services.storage.accounts, name, credits, rate_limit)
         return Account(created.account.api_id, created.api_key, created.account.id)
 
     async def wait_for(

@@ -39,7 +39,7 @@ def admin_client(server: Server) -> httpx.AsyncClient:
 
 async def ledger_rows(server: Server, kind: str) -> list[Any]:
     query = sa.select(ledger).where(ledger.c.kind == kind).order_by(ledger.c.id)
-    return await server.services.store._run(lambda conn: list(conn.execute(query).all()))
+    return await server.services.storage.db.run(lambda conn: list(conn.execute(query).all()))
 
 
 async def test_the_admin_prefix_is_404_without_a_token(
@@ -58,7 +58,7 @@ async def test_the_admin_prefix_is_404_without_a_token(
                 response = await client.request(method, path, json={"name": "x"})
                 assert response.status_code == 404, (method, path)
                 assert response.json() == {"error": "not found"}
-        assert await server.services.store.count_accounts() == 0
+        assert await server.services.storage.accounts.count_accounts() == 0
 
 
 async def test_accounts_keys_credits_and_secrets(tmp_path: Path, models_file: Path, db_url: str) -> None:
@@ -72,7 +72,7 @@ async def test_accounts_keys_credits_and_secrets(tmp_path: Path, models_file: Pa
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
             refused = await anon.post("/admin/accounts/", json={"name": "x"}, headers=headers)
             assert refused.status_code == 401 and "admin" in refused.json()["error"]
-        assert await server.services.store.count_accounts() == 0
+        assert await server.services.storage.accounts.count_accounts() == 0
 
         created = await admin.post(
             "/admin/accounts/", json={"name": "acme", "credits": 10, "rate_limit": 100}
@@ -98,7 +98,7 @@ async def test_accounts_keys_credits_and_secrets(tmp_path: Path, models_file: Pa
             headers={"Content-Type": "application/json"},
         )
         assert nan.status_code == 400 and nan.json()["error"].startswith("credits:")
-        assert await server.services.store.count_accounts() == 1
+        assert await server.services.storage.accounts.count_accounts() == 1
 
         # The list is cursor-paginated.
         for n in range(3):

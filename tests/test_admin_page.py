@@ -32,10 +32,10 @@ CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 class FailsOnRequest(FakeProvider):
     """Echoes, except that a message saying "fail" fails with a reason."""
 
-    async def generate(self, spec: ModelSpec, request: GenerationInput) -> Generation:
+    async def generate(self, spec: ModelSpec, request: GenerationInput, *, account: str) -> Generation:
         if request.messages[-1].text() == "fail":
             raise UpstreamError("the upstream refused: quota exhausted")
-        return await super().generate(spec, request)
+        return await super().generate(spec, request, account=account)
 
 
 @pytest.fixture

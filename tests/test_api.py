@@ -103,8 +103,8 @@ async def test_invalid_bodies_are_400_naming_the_field(settings: Settings, paylo
             response = await client.post(CREATE, json=payload)
             assert response.status_code == 400, response.text
             assert field in response.json()["error"]
-        assert await server.services.store.task_counts() == {}
-        assert (await server.services.store.ledger_summary(account.id)).balance == 100_000_000
+        assert await server.services.storage.tasks.counts() == {}
+        assert (await server.services.storage.accounts.ledger_summary(account.id)).balance == 100_000_000
 
 
 async def test_malformed_json_and_empty_body_are_400(settings: Settings) -> None:
@@ -169,7 +169,7 @@ async def test_sync_and_async_through_the_same_task_path(settings: Settings) -> 
             assert queued["status"] == "pending"
         done = await server.wait_for(account, queued["id"])
         assert done["response_text"] == "echo: later"
-        summary = await server.services.store.ledger_summary(account.id)
+        summary = await server.services.storage.accounts.ledger_summary(account.id)
         assert summary.balance == summary.ledger_sum
         assert summary.balance == 100_000_000 - round(sync["credits_used"] * 1e6) - round(
             done["credits_used"] * 1e6
@@ -282,16 +282,16 @@ async def test_concurrent_requests_never_overdraw_and_the_ledger_reconciles(sett
         codes = [r.status_code for r in responses]
         assert set(codes) == {201, 402}
         accepted = [r.json()["id"] for r in responses if r.status_code == 201]
-        reserve = (await server.services.store.get_task(accepted[0])).credits_reserved
+        reserve = (await server.services.storage.tasks.get(accepted[0])).credits_reserved
         assert len(accepted) == 150_000_000 // reserve
         for task_id in accepted:
             await server.wait_for(account, task_id)
-        summary = await server.services.store.ledger_summary(account.id)
+        summary = await server.services.storage.accounts.ledger_summary(account.id)
         assert summary.balance >= 0
         assert summary.balance == summary.ledger_sum
         used = 0
         for task_id in accepted:
-            used += (await server.services.store.get_task(task_id)).credits_used
+            used += (await server.services.storage.tasks.get(task_id)).credits_used
         assert summary.balance == 150_000_000 - used
 
 

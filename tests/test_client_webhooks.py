@@ -79,7 +79,9 @@ async def test_either_secret_verifies_during_a_rotation(tmp_path: Path, models_f
         account = await server.account()
         old = await secret_of(server, account)
         new = "whsec_" + base64.b64encode(b"n" * 32).decode()
-        await server.services.store.rotate_webhook_secret(account.api_id, new, dt.timedelta(hours=1))
+        await server.services.storage.accounts.rotate_webhook_secret(
+            account.api_id, new, dt.timedelta(hours=1)
+        )
         async with AsyncClient(account.api_id, account.api_key, base_url=server.url) as client:
             task = await client.submit("fake-model", "rotating", webhook_url=f"{hook}/hook")
         seen = (await receiver.wait(1))[0]

@@ -37,7 +37,7 @@ def request(**fields: Any) -> GenerationInput:
 
 
 async def collect(provider: GeminiProvider, req: GenerationInput) -> list[StreamChunk]:
-    return [chunk async for chunk in provider.stream(SPEC, req)]
+    return [chunk async for chunk in provider.stream(SPEC, req, account="a")]
 
 
 # -- stream() ---------------------------------------------------------------------------------------------
@@ -77,7 +77,10 @@ async def test_stream_function_call_chunk_carries_the_signature(tmp_path: Path) 
         provider = GeminiProvider(gemini_settings(tmp_path, url))
         try:
             chunks = [
-                c async for c in provider.stream(spec, GenerationInput.model_validate_json(json.dumps(body)))
+                c
+                async for c in provider.stream(
+                    spec, GenerationInput.model_validate_json(json.dumps(body)), account="a"
+                )
             ]
         finally:
             await provider.aclose()
@@ -97,7 +100,7 @@ async def test_stream_mid_stream_error_raises_after_the_chunks_sent(tmp_path: Pa
         received: list[StreamChunk] = []
         try:
             with pytest.raises(UpstreamError) as caught:
-                async for chunk in provider.stream(SPEC, request()):
+                async for chunk in provider.stream(SPEC, request(), account="a"):
                     received.append(chunk)
         finally:
             await provider.aclose()
@@ -142,7 +145,7 @@ async def test_stream_error_before_the_first_chunk_maps_the_status(
             fake.add_fault(fault)
         provider = GeminiProvider(gemini_settings(tmp_path, url))
         try:
-            stream = provider.stream(SPEC, request())
+            stream = provider.stream(SPEC, request(), account="a")
             with pytest.raises(UpstreamError) as caught:
                 await anext(stream)
         finally:
@@ -168,7 +171,7 @@ async def test_closing_the_stream_closes_the_upstream_connection(tmp_path: Path)
     async with fake_gemini(chunks=40, chunk_delay=0.05) as (fake, url):
         provider = GeminiProvider(gemini_settings(tmp_path, url))
         try:
-            stream = provider.stream(SPEC, request())
+            stream = provider.stream(SPEC, request(), account="a")
             await anext(stream)
             await anext(stream)
             await stream.aclose()
@@ -189,7 +192,7 @@ async def test_stream_of_a_large_video_deletes_the_upload_when_closed(tmp_path: 
     async with fake_gemini() as (fake, url):
         provider = GeminiProvider(gemini_settings(tmp_path, url, gemini_inline_request_bytes=1000))
         try:
-            stream = provider.stream(SPEC, req)
+            stream = provider.stream(SPEC, req, account="a")
             await anext(stream)
             assert len(fake.files) == 1
             [stored] = fake.files.values()

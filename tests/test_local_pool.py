@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,6 @@ import pytest
 from tests.conftest import make_settings, run_server
 from textgen.catalog import load_catalog
 from textgen.protocol import GenerationInput
-from textgen.providers.base import current_account
 from textgen.providers.local import LocalProvider, default_instances
 
 MODEL = "smollm2-135m-instruct"
@@ -27,8 +27,7 @@ def body(content: str, **config: object) -> dict[str, object]:
 @pytest.fixture
 async def provider() -> LocalProvider:
     local = LocalProvider(instances=1, n_ctx=1024, threads=2)
-    await asyncio.to_thread(local.load)
-    local.start()
+    await local.open()
     return local
 
 
@@ -95,7 +94,7 @@ async def test_closing_a_stream_stops_generation_within_one_token(provider: Loca
         strict=False,
     )
     [engine] = provider.engines
-    stream = provider.stream(spec, request)
+    stream = provider.stream(spec, request, account="a")
     chunks = 0
     async for chunk in stream:
         chunks += 1 if chunk.text else 0
@@ -119,9 +118,8 @@ async def test_waiting_requests_are_served_round_robin_across_accounts(provider:
     blocker = await provider.pool.acquire("x", "")
 
     async def run(account: str, n: int) -> None:
-        current_account.set(account)
         request = GenerationInput.model_validate(body(f"Count to {n}.", max_output_tokens=2), strict=False)
-        await provider.generate(spec, request)
+        await provider.generate(spec, request, account=account)
         order.append(account)
 
     tasks = [asyncio.create_task(run("busy", i)) for i in range(3)]
@@ -138,11 +136,10 @@ async def test_waiting_requests_are_served_round_robin_across_accounts(provider:
 
 async def test_a_conversation_returns_to_the_instance_holding_its_prefix() -> None:
     local = LocalProvider(instances=2, n_ctx=1024, threads=1)
-    await asyncio.to_thread(local.load)
-    local.start()
+    await local.open()
     spec = load_catalog(None)[MODEL]
     first = GenerationInput.model_validate(body("My name is Ada. Remember it.", temperature=0), strict=False)
-    reply = await local.generate(spec, first)
+    reply = await local.generate(spec, first, account="a")
     served = [e for e in local.engines if e.sampled > 0]
     assert len(served) == 1
     other = next(e for e in local.engines if e is not served[0])
@@ -160,6 +157,26 @@ async def test_a_conversation_returns_to_the_instance_holding_its_prefix() -> No
         strict=False,
     )
     before = served[0].sampled
-    await local.generate(spec, follow)
+    await local.generate(spec, follow, account="a")
     assert served[0].sampled > before and other.sampled == 0
     await local.aclose()
+
+
+async def test_closing_the_provider_mid_generation_stops_it_before_freeing_the_model(
+    provider: LocalProvider,
+) -> None:
+    # Freeing an instance while its thread still samples would crash the process: aclose stops them first.
+    spec = load_catalog(None)[MODEL]
+    request = GenerationInput.model_validate(
+        body("Write a very long story about the sea.", max_output_tokens=400, temperature=1.0), strict=False
+    )
+    [engine] = provider.engines
+    stream = provider.stream(spec, request, account="a")
+    first = await stream.__anext__()  # type: ignore[attr-defined]
+    assert first.text
+    sampling = engine.sampled
+    await provider.aclose()
+    assert not provider.available()
+    assert engine.sampled - sampling <= 2  # stopped within a token of the close
+    with contextlib.suppress(Exception):
+        await stream.aclose()  # type: ignore[attr-defined]

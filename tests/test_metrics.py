@@ -318,7 +318,7 @@ async def test_in_flight_and_failures_by_class(tmp_path: Path, models_file: Path
 
 
 def test_every_failure_reason_has_a_bounded_class() -> None:
-    from textgen.runner import INTERRUPTED_STREAM
+    from textgen.lifecycle import INTERRUPTED_STREAM
     from textgen.streaming import CLIENT_DISCONNECTED
 
     reasons = {

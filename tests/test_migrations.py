@@ -103,7 +103,7 @@ async def test_the_account_key_carries_over_to_api_keys(empty_url: str) -> None:
     import datetime as dt
 
     from textgen.accounts import Authenticator, hash_key
-    from textgen.storage.store import Store
+    from textgen.storage import Storage
 
     settings = load_settings(database_url=empty_url)
     await asyncio.to_thread(upgrade, settings, "0001")
@@ -131,11 +131,11 @@ async def test_the_account_key_carries_over_to_api_keys(empty_url: str) -> None:
     await engine.dispose()
     await asyncio.to_thread(upgrade, settings)
     assert await schema_diff(empty_url) == []
-    store = Store(create_engine(settings))
+    store = Storage.open(settings)
     try:
-        account = await Authenticator(store).authenticate("tg_old", "tgk_the-old-key")
+        account = await Authenticator(store.admin).authenticate("tg_old", "tgk_the-old-key")
         assert account.balance == 5 and account.disabled is False
-        rows = await store._run(lambda conn: conn.execute(sa.select(metadata.tables["api_keys"])).all())
+        rows = await store.db.run(lambda conn: conn.execute(sa.select(metadata.tables["api_keys"])).all())
         assert [(r.prefix, r.created_at, r.revoked_at) for r in rows] == [("tgk_the-ol", created, None)]
     finally:
         await store.aclose()

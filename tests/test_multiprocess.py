@@ -27,8 +27,7 @@ from tests.fakes.fake_gemini import FakeGemini, Fault
 from tests.pgdb import pg_template, pg_url  # noqa: F401  (fixtures)
 from tests.processes import free_port, run_cli, textgen_env
 from textgen.settings import load_settings
-from textgen.storage.engine import create_engine
-from textgen.storage.store import Store
+from textgen.storage import Storage
 
 TASKS = 300
 CREDITS = 1_000_000.0
@@ -296,13 +295,13 @@ async def test_sigterm_finishes_what_it_can_and_releases_the_rest(tmp_path: Path
             GEMINI_API_KEY="test-key",
         )
         account = json.loads(run_cli("accounts", "create", "main", "--json", env=env).stdout)
-        store = Store(create_engine(load_settings(database_url=pg_url)))
+        store = Storage.open(load_settings(database_url=pg_url))
         try:
-            owner = await store.account_by_api_id(account["api_id"])
+            owner = await store.accounts.account_by_api_id(account["api_id"])
             assert owner is not None
             ids = [
                 (
-                    await store.create_task(
+                    await store.tasks.create(
                         account_id=owner.id,
                         model_name="gemini-2.5-flash",
                         mode="async",
@@ -316,19 +315,19 @@ async def test_sigterm_finishes_what_it_can_and_releases_the_rest(tmp_path: Path
             with fleet(tmp_path, env) as processes:
                 worker = processes.start("worker", "worker", "--concurrency", "2")
                 for _ in range(600):
-                    counts = await store.task_counts()
+                    counts = await store.tasks.counts()
                     if counts.get("running") == 2 and upstream.faults == collections.deque():
                         break
                     await asyncio.sleep(0.05)
-                assert await store.task_counts() == {"running": 2}
+                assert await store.tasks.counts() == {"running": 2}
                 worker.send_signal(signal.SIGTERM)
                 code = await asyncio.to_thread(worker.wait, 60)
                 assert code == 0, processes.log("worker")
-            finished = {task_id: await store.get_task(task_id) for task_id in ids}
+            finished = {task_id: await store.tasks.get(task_id) for task_id in ids}
             assert sorted(t.status for t in finished.values()) == ["done", "pending"]
             released = next(t for t in finished.values() if t.status == "pending")
             assert released.lease_owner is None and released.credits_used == 0
-            summary = await store.ledger_summary(owner.id)
+            summary = await store.accounts.ledger_summary(owner.id)
             assert summary.balance == summary.ledger_sum
         finally:
             await store.aclose()

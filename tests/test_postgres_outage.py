@@ -110,7 +110,7 @@ async def test_database_outage_gives_503_with_retry_after_then_recovers(
                 assert created.status_code == 201
             done = await server.wait_for(account, created.json()["id"], within=30)
             assert done["status"] == "done"
-            summary = await server.services.store.ledger_summary(account.id)
+            summary = await server.services.storage.accounts.ledger_summary(account.id)
             assert summary.ledger_sum == summary.balance
     finally:
         with contextlib.suppress(AssertionError):

@@ -131,9 +131,9 @@ async def test_heartbeats_keep_a_long_task_with_its_first_worker(
         done = await two.wait_for(account, task_id, within=60)
         assert done["status"] == "done"
         assert len(first.calls) + len(second.calls) == 1
-        task = await one.services.store.get_task(task_id)
+        task = await one.services.storage.tasks.get(task_id)
         assert task.attempts == 1
-        summary = await one.services.store.ledger_summary(account.id)
+        summary = await one.services.storage.accounts.ledger_summary(account.id)
         assert summary.ledger_sum == summary.balance
 
 

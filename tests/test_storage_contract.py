@@ -12,9 +12,9 @@ import sqlalchemy as sa
 from tests.pgdb import pg_template, pg_url  # noqa: F401  (fixtures)
 from textgen.errors import InsufficientCredits, NotFound
 from textgen.settings import Settings, load_settings
-from textgen.storage.engine import create_engine
+from textgen.storage import Storage
 from textgen.storage.migrate import upgrade
-from textgen.storage.store import AccountRow, Cursor, Outcome, Store, TaskRow
+from textgen.storage.rows import AccountRow, Cursor, Outcome, TaskRow
 from textgen.storage.tables import ledger, webhook_deliveries
 
 
@@ -28,16 +28,16 @@ def db_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-async def store(db_settings: Settings) -> AsyncIterator[Store]:
-    store = Store(create_engine(db_settings))
+async def store(db_settings: Settings) -> AsyncIterator[Storage]:
+    store = Storage.open(db_settings)
     try:
         yield store
     finally:
         await store.aclose()
 
 
-async def new_account(store: Store, balance: int, name: str = "acct") -> AccountRow:
-    return await store.create_account(
+async def new_account(store: Storage, balance: int, name: str = "acct") -> AccountRow:
+    return await store.accounts.create_account(
         api_id=f"tg_{name}",
         key_id=f"key_{name}",
         key_hash=name.ljust(64, "h"),
@@ -50,9 +50,9 @@ async def new_account(store: Store, balance: int, name: str = "acct") -> Account
 
 
 async def new_task(
-    store: Store, account: AccountRow, reserve: int = 1000, webhook: str | None = None
+    store: Storage, account: AccountRow, reserve: int = 1000, webhook: str | None = None
 ) -> TaskRow:
-    return await store.create_task(
+    return await store.tasks.create(
         account_id=account.id,
         model_name="fake-model",
         mode="async",
@@ -62,72 +62,72 @@ async def new_task(
     )
 
 
-async def ledger_rows(store: Store, task_id: str) -> list[tuple[str, int]]:
-    async with store.engine.connect() as conn:
+async def ledger_rows(store: Storage, task_id: str) -> list[tuple[str, int]]:
+    async with store.db.engine.connect() as conn:
         rows = await conn.execute(
             sa.select(ledger.c.kind, ledger.c.amount).where(ledger.c.task_id == task_id).order_by(ledger.c.id)
         )
         return [(str(kind), int(amount)) for kind, amount in rows]
 
 
-async def assert_reconciled(store: Store, account: AccountRow) -> int:
-    summary = await store.ledger_summary(account.id)
+async def assert_reconciled(store: Storage, account: AccountRow) -> int:
+    summary = await store.accounts.ledger_summary(account.id)
     assert summary.ledger_sum == summary.balance
     assert summary.balance >= 0
     return summary.balance
 
 
-async def test_account_grant_and_lookup(store: Store) -> None:
+async def test_account_grant_and_lookup(store: Storage) -> None:
     account = await new_account(store, 5000)
-    assert (await store.account_by_api_id("tg_acct")) == account
-    assert (await store.account_by_api_id("tg_nobody")) is None
-    assert (await store.grant("tg_acct", 700)).balance == 5700
-    assert (await store.grant("tg_acct", -5700)).balance == 0
+    assert (await store.accounts.account_by_api_id("tg_acct")) == account
+    assert (await store.accounts.account_by_api_id("tg_nobody")) is None
+    assert (await store.accounts.grant("tg_acct", 700)).balance == 5700
+    assert (await store.accounts.grant("tg_acct", -5700)).balance == 0
     with pytest.raises(InsufficientCredits):
-        await store.grant("tg_acct", -1)
+        await store.accounts.grant("tg_acct", -1)
     with pytest.raises(NotFound):
-        await store.grant("tg_nobody", 1)
-    assert await store.count_accounts() == 1
+        await store.accounts.grant("tg_nobody", 1)
+    assert await store.accounts.count_accounts() == 1
     assert await assert_reconciled(store, account) == 0
 
 
-async def test_reserve_then_settle_charges_the_actual_cost(store: Store) -> None:
+async def test_reserve_then_settle_charges_the_actual_cost(store: Storage) -> None:
     account = await new_account(store, 10_000)
     task = await new_task(store, account, reserve=4000, webhook="http://127.0.0.1:9/hook")
     assert task.status == "pending"
-    assert (await store.account_by_id(account.id)).balance == 6000
-    claimed = await store.claim_task("w1", 30)
+    assert (await store.accounts.account_by_id(account.id)).balance == 6000
+    claimed = await store.tasks.claim("w1", 30)
     assert claimed is not None and claimed.id == task.id and claimed.attempts == 1
-    done = await store.finish_task(task.id, "w1", Outcome(status="done", response_text="ok", cost=1500))
+    done = await store.tasks.finish(task, "w1", Outcome(status="done", response_text="ok", cost=1500))
     assert done is not None and done.status == "done" and done.credits_used == 1500
     assert await assert_reconciled(store, account) == 8500
     assert await ledger_rows(store, task.id) == [("reserve", -4000), ("settle", 2500)]
-    async with store.engine.connect() as conn:
+    async with store.db.engine.connect() as conn:
         outbox = (await conn.execute(sa.select(webhook_deliveries.c.task_id))).all()
     assert [row.task_id for row in outbox] == [task.id]
 
 
-async def test_failure_releases_the_whole_reservation(store: Store) -> None:
+async def test_failure_releases_the_whole_reservation(store: Storage) -> None:
     account = await new_account(store, 10_000)
     task = await new_task(store, account, reserve=4000)
-    assert await store.claim_task("w1", 30) is not None
-    failed = await store.finish_task(task.id, "w1", Outcome(status="failed", failed_reason="boom"))
+    assert await store.tasks.claim("w1", 30) is not None
+    failed = await store.tasks.finish(task, "w1", Outcome(status="failed", failed_reason="boom"))
     assert failed is not None and failed.credits_used == 0 and failed.failed_reason == "boom"
     assert await assert_reconciled(store, account) == 10_000
     assert await ledger_rows(store, task.id) == [("reserve", -4000), ("release", 4000)]
 
 
-async def test_a_short_balance_refuses_and_changes_nothing(store: Store) -> None:
+async def test_a_short_balance_refuses_and_changes_nothing(store: Storage) -> None:
     account = await new_account(store, 999)
     with pytest.raises(InsufficientCredits):
         await new_task(store, account, reserve=1000)
-    assert (await store.list_tasks(account.id, limit=10))[0] == []
+    assert (await store.tasks.list(account.id, limit=10))[0] == []
     assert await assert_reconciled(store, account) == 999
 
 
 async def test_concurrent_reservations_never_overdraw(db_settings: Settings) -> None:
     # Three stores = three independent pools, as three processes would have.
-    stores = [Store(create_engine(db_settings)) for _ in range(3)]
+    stores = [Storage.open(db_settings) for _ in range(3)]
     try:
         account = await new_account(stores[0], 10_000)
 
@@ -147,57 +147,57 @@ async def test_concurrent_reservations_never_overdraw(db_settings: Settings) -> 
 
 
 async def test_concurrent_claimers_take_each_task_exactly_once(db_settings: Settings) -> None:
-    stores = [Store(create_engine(db_settings)) for _ in range(3)]
+    stores = [Storage.open(db_settings) for _ in range(3)]
     try:
         account = await new_account(stores[0], 10**9)
         created = {(await new_task(stores[0], account)).id for _ in range(30)}
         claimed: list[str] = []
 
         async def claimer(n: int) -> None:
-            while (task := await stores[n % 3].claim_task(f"w{n}", 30)) is not None:
+            while (task := await stores[n % 3].tasks.claim(f"w{n}", 30)) is not None:
                 claimed.append(task.id)
                 await asyncio.sleep(0)
 
         await asyncio.gather(*(claimer(n) for n in range(8)))
         assert sorted(claimed) == sorted(created)
-        counts = await stores[0].task_counts()
+        counts = await stores[0].tasks.counts()
         assert counts == {"running": 30}
     finally:
         for store in stores:
             await store.aclose()
 
 
-async def test_an_expired_lease_is_reclaimed_and_only_the_new_holder_can_finish(store: Store) -> None:
+async def test_an_expired_lease_is_reclaimed_and_only_the_new_holder_can_finish(store: Storage) -> None:
     account = await new_account(store, 10_000)
     task = await new_task(store, account, reserve=3000)
     # A lease that is already over, as if the first worker had died long ago.
-    first = await store.claim_task("dead-worker", -1)
+    first = await store.tasks.claim("dead-worker", -1)
     assert first is not None and first.attempts == 1
-    second = await store.claim_task("w2", 30)
+    second = await store.tasks.claim("w2", 30)
     assert second is not None and second.id == task.id and second.attempts == 2
     assert second.lease_owner == "w2"
-    assert await store.claim_task("w3", 30) is None  # a live lease is not reclaimed
-    assert not await store.renew_lease(task.id, "dead-worker", 30)
-    assert await store.renew_lease(task.id, "w2", 30)
-    assert await store.finish_task(task.id, "dead-worker", Outcome(status="done", cost=10)) is None
-    finished = await store.finish_task(task.id, "w2", Outcome(status="done", cost=1000))
+    assert await store.tasks.claim("w3", 30) is None  # a live lease is not reclaimed
+    assert not await store.tasks.renew_lease(task.id, "dead-worker", 30)
+    assert await store.tasks.renew_lease(task.id, "w2", 30)
+    assert await store.tasks.finish(task, "dead-worker", Outcome(status="done", cost=10)) is None
+    finished = await store.tasks.finish(task, "w2", Outcome(status="done", cost=1000))
     assert finished is not None and finished.credits_used == 1000
-    assert await store.finish_task(task.id, "w2", Outcome(status="done", cost=1000)) is None
+    assert await store.tasks.finish(task, "w2", Outcome(status="done", cost=1000)) is None
     assert await ledger_rows(store, task.id) == [("reserve", -3000), ("settle", 2000)]
     assert await assert_reconciled(store, account) == 9000
 
 
-async def test_release_gives_the_task_back(store: Store) -> None:
+async def test_release_gives_the_task_back(store: Storage) -> None:
     account = await new_account(store, 10_000)
     task = await new_task(store, account)
-    assert await store.claim_task("w1", 30) is not None
-    assert not await store.release_task(task.id, "w2")
-    assert await store.release_task(task.id, "w1")
-    again = await store.claim_task("w2", 30)
+    assert await store.tasks.claim("w1", 30) is not None
+    assert not await store.tasks.release(task.id, "w2")
+    assert await store.tasks.release(task.id, "w1")
+    again = await store.tasks.claim("w2", 30)
     assert again is not None and again.id == task.id and again.lease_owner == "w2"
 
 
-async def test_list_pages_newest_first_in_both_directions(store: Store) -> None:
+async def test_list_pages_newest_first_in_both_directions(store: Storage) -> None:
     account = await new_account(store, 10**9)
     other = await new_account(store, 10**9, name="other")
     ids = [(await new_task(store, account)).id for _ in range(7)]
@@ -207,7 +207,7 @@ async def test_list_pages_newest_first_in_both_directions(store: Store) -> None:
     after: Cursor | None = None
     pages = []
     while True:
-        rows, more = await store.list_tasks(account.id, limit=3, after=after)
+        rows, more = await store.tasks.list(account.id, limit=3, after=after)
         pages.append(rows)
         seen.extend(r.id for r in rows)
         if not more:
@@ -216,11 +216,11 @@ async def test_list_pages_newest_first_in_both_directions(store: Store) -> None:
     assert seen == newest_first
     assert [len(p) for p in pages] == [3, 3, 1]
     last = pages[-1][0]
-    back, more = await store.list_tasks(account.id, limit=3, before=Cursor(last.created_at, last.id))
+    back, more = await store.tasks.list(account.id, limit=3, before=Cursor(last.created_at, last.id))
     assert [r.id for r in back] == newest_first[3:6] and more
-    claimed = await store.claim_task("w1", 30)
+    claimed = await store.tasks.claim("w1", 30)
     assert claimed is not None
-    running, _ = await store.list_tasks(account.id, limit=10, status="running")
+    running, _ = await store.tasks.list(account.id, limit=10, status="running")
     assert [r.id for r in running] == [claimed.id]
     with pytest.raises(NotFound):
-        await store.get_task(ids[0], account_id=other.id)
+        await store.tasks.get(ids[0], account_id=other.id)

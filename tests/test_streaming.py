@@ -102,7 +102,7 @@ async def test_errors_before_the_stream_are_http_statuses(settings: Settings) ->
             fake.fail_before_first = UpstreamError(
                 "upstream said: quota exhausted", status_code=429, retry_after=7
             )
-            await server.services.store.grant(account.api_id, 10_000_000)
+            await server.services.storage.accounts.grant(account.api_id, 10_000_000)
             response = await client.post(STREAM, json=fake_body())
             assert response.status_code == 429
             assert response.json() == {"error": "upstream said: quota exhausted"}
@@ -115,7 +115,7 @@ async def test_errors_before_the_stream_are_http_statuses(settings: Settings) ->
             assert "rate limit" in response.json()["error"]
             assert int(response.headers["Retry-After"]) >= 1
             assert response.headers["RateLimit-Remaining"] == "0"
-        tasks = (await server.services.store.list_tasks(account.id, limit=10))[0]
+        tasks = (await server.services.storage.tasks.list(account.id, limit=10))[0]
         assert [t.status for t in tasks] == ["done", "failed"]
         assert tasks[1].credits_used == 0 and tasks[1].failed_reason == "upstream said: quota exhausted"
 
@@ -173,14 +173,14 @@ async def test_client_disconnect_stops_the_local_model(tmp_path: Path) -> None:
                 seen += 1
                 if seen == 5:
                     break
-            task_id = (await server.services.store.list_tasks(account.id, limit=1))[0][0].id
+            task_id = (await server.services.storage.tasks.list(account.id, limit=1))[0][0].id
         # Leaving the block closed the connection mid-stream.
         task = await server.wait_for(account, task_id)
         assert task["status"] == "failed"
         assert task["failed_reason"] == "client disconnected"
         assert 0 < task["output_tokens"] < 1500
         assert task["credits_used"] > 0  # the tokens generated so far are charged, no more
-        reserved = (await server.services.store.get_task(task_id)).credits_reserved
+        reserved = (await server.services.storage.tasks.get(task_id)).credits_reserved
         assert task["credits_used"] * 1_000_000 < reserved
         assert abs(await balance(server, account) - (10 - task["credits_used"])) < 1e-9
         # The generation thread stops and returns its model instance to the pool ...
@@ -215,7 +215,7 @@ async def test_many_concurrent_streams_in_one_process(settings: Settings) -> Non
         assert len({task_id for task_id, _ in results}) == 100
         for i, (_, text) in enumerate(results):
             assert text == f"echo: stream {i} says hello world"
-        counts = await server.services.store.task_counts()
+        counts = await server.services.storage.tasks.counts()
         assert counts == {"done": 100}
 
 
@@ -226,7 +226,7 @@ class _SteppedProvider(FakeProvider):
         super().__init__()
         self.proceed = asyncio.Event()
 
-    async def stream(self, spec: Any, request: Any) -> Any:
+    async def stream(self, spec: Any, request: Any, *, account: str) -> Any:
         yield StreamChunk(text="first", input_tokens=7, output_tokens=1)
         await self.proceed.wait()
         yield StreamChunk(text=" last", input_tokens=7, output_tokens=2, finish_reason="STOP")
@@ -262,7 +262,7 @@ async def test_a_slow_first_chunk_keeps_the_task_leased(tmp_path: Path, models_f
         task = await server.wait_for(account, final["creatify"]["id"])
         assert task["status"] == "done", task
         assert task["response_text"] == "echo: slow start"
-        assert (await server.services.store.get_task(task["id"])).attempts == 1
+        assert (await server.services.storage.tasks.get(task["id"])).attempts == 1
 
 
 async def test_local_stream_under_auto_calls_or_streams_text(tmp_path: Path) -> None:

@@ -88,6 +88,6 @@ async def test_client_disconnect_closes_the_gemini_stream(tmp_path: Path) -> Non
                 break
         await asyncio.wait_for(fake.abandoned.wait(), 10)
         assert fake.streams_abandoned == 1 and fake.streams_completed == 0
-        task_id = (await server.services.store.list_tasks(account.id, limit=1))[0][0].id
+        task_id = (await server.services.storage.tasks.list(account.id, limit=1))[0][0].id
         task = await server.wait_for(account, task_id)
         assert task["status"] == "failed" and task["failed_reason"] == "client disconnected"

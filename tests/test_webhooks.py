@@ -24,8 +24,10 @@ from starlette.routing import Route
 
 from tests.conftest import Account, Server, make_settings, run_server
 from tests.fakes.providers import FakeProvider
+from textgen.retry_after import parse_retry_after
 from textgen.webhooks.addresses import IPAddress, address_class
-from textgen.webhooks.retry import GiveUp, Retry, RetrySchedule, parse_retry_after
+from textgen.webhooks.payload import webhook_payload
+from textgen.webhooks.retry import GiveUp, Retry, RetrySchedule
 
 PAYLOAD_KEYS = {"id", "status", "response_text", "response_function_calls", "failed_reason", "credits_used"}
 
@@ -159,7 +161,7 @@ async def wait_delivery(
 
 
 async def secret_of(server: Server, account: Account) -> str:
-    row = await server.services.store.account_by_api_id(account.api_id)
+    row = await server.services.storage.accounts.account_by_api_id(account.api_id)
     assert row is not None
     return row.webhook_secret
 
@@ -469,12 +471,12 @@ async def test_rotated_secret_old_and_new_both_verify_during_grace(tmp_path: Pat
         run_server(settings_for(tmp_path, models_file), {"fake": FakeProvider()}) as server,
     ):
         account = await server.account()
-        store = server.services.store
+        store = server.services.storage
         old = await secret_of(server, account)
         task = await create(server, account, f"{hook}/h")
         await receiver.wait(1)
 
-        rotated = await store.rotate_webhook_secret(
+        rotated = await store.accounts.rotate_webhook_secret(
             account.api_id, "whsec_" + "B" * 43 + "=", dt.timedelta(hours=1)
         )
         new = rotated.webhook_secret
@@ -488,7 +490,7 @@ async def test_rotated_secret_old_and_new_both_verify_during_grace(tmp_path: Pat
         assert Webhook(new).verify(seen.body, seen.headers)["id"] == task["id"]
 
         # Once the grace period is over only the current secret signs.
-        await store.rotate_webhook_secret(account.api_id, "whsec_" + "C" * 43 + "=", dt.timedelta(0))
+        await store.accounts.rotate_webhook_secret(account.api_id, "whsec_" + "C" * 43 + "=", dt.timedelta(0))
         async with server.client(account) as client:
             assert (
                 await client.post(f"/sse/text_generator/{task['id']}/webhooks/redeliver/")
@@ -625,8 +627,15 @@ async def test_send_time_check_refuses_a_queued_private_url(tmp_path: Path, mode
         account = await server.account()
         task = await create(server, account, None)
         await server.wait_for(account, task["id"])
-        row = await server.services.store.get_task(task["id"])
-        await server.services.store.queue_delivery(row, f"{hook}/h")  # as if queued before a policy change
+        row = await server.services.storage.tasks.get(task["id"])
+        await server.services.storage.outbox.queue(  # as if queued before a policy change
+            task_id=row.id,
+            account_id=row.account_id,
+            url=f"{hook}/h",
+            payload=webhook_payload(row),
+            notify=False,
+        )
+        server.services.wakeups.delivery_queued()
         delivery = await wait_delivery(server, account, task["id"], status="failed")
         assert "refused: host '127.0.0.1' is a loopback address" in delivery["attempts"][0]["error"]
         assert receiver.seen == []

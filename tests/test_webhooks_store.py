@@ -10,10 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from textgen.catalog import Pricing
+from textgen.lifecycle import Lifecycle
+from textgen.notify import Wakeups
+from textgen.providers import ProviderRegistry
 from textgen.settings import Settings, load_settings
-from textgen.storage.engine import create_engine
+from textgen.storage import Storage
 from textgen.storage.migrate import upgrade
-from textgen.storage.store import AttemptRecord, Outcome, Store, TaskRow, utcnow
+from textgen.storage.rows import AttemptRecord, Outcome, TaskRow, utcnow
+from textgen.webhooks.payload import webhook_payload
 
 with contextlib.suppress(ImportError):
     from tests.pgdb import pg_template, pg_url  # noqa: F401  (fixtures)
@@ -32,16 +37,16 @@ def db_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-async def store(db_settings: Settings) -> AsyncIterator[Store]:
-    store = Store(create_engine(db_settings))
+async def store(db_settings: Settings) -> AsyncIterator[Storage]:
+    store = Storage.open(db_settings)
     try:
         yield store
     finally:
         await store.aclose()
 
 
-async def finished_task(store: Store, name: str = "acct") -> TaskRow:
-    account = await store.create_account(
+async def finished_task(store: Storage, name: str = "acct", wakeups: Wakeups | None = None) -> TaskRow:
+    account = await store.accounts.create_account(
         api_id=f"tg_{name}",
         key_id=f"key_{name}",
         key_hash=name.ljust(64, "h"),
@@ -51,7 +56,7 @@ async def finished_task(store: Store, name: str = "acct") -> TaskRow:
         rate_limit=60,
         webhook_secret="whsec_dGVzdA==",
     )
-    await store.create_task(
+    await store.tasks.create(
         account_id=account.id,
         model_name="fake-model",
         mode="async",
@@ -59,9 +64,17 @@ async def finished_task(store: Store, name: str = "acct") -> TaskRow:
         webhook_url="http://example.com/h",
         reserve=10,
     )
-    claimed = await store.claim_task("w", 30)
+    claimed = await store.tasks.claim("w", 30)
     assert claimed is not None
-    task = await store.finish_task(claimed.id, "w", Outcome(status="done", response_text="ok", cost=5))
+    lifecycle = Lifecycle(
+        store.tasks,
+        ProviderRegistry({}, {}),
+        Pricing(1000),
+        wakeups or Wakeups(postgres=store.db.is_postgres),
+        worker_id="w",
+        lease_seconds=30,
+    )
+    task = await lifecycle.finish(claimed, Outcome(status="done", response_text="ok", cost=5))
     assert task is not None
     return task
 
@@ -77,57 +90,62 @@ def attempt(outcome: str, next_at: dt.datetime | None = None) -> AttemptRecord:
     )
 
 
-async def test_finishing_a_task_queues_one_due_delivery_and_wakes_listeners(store: Store) -> None:
-    woken: list[bool] = []
-    store.delivery_listeners.append(lambda: woken.append(True))
-    task = await finished_task(store)
-    assert woken == [True]
-    [claimed] = await store.claim_deliveries("s1", 60, 10)
+async def test_finishing_a_task_queues_one_due_delivery_and_wakes_listeners(store: Storage) -> None:
+    wakeups = Wakeups(postgres=store.db.is_postgres)
+    task = await finished_task(store, wakeups=wakeups)
+    assert wakeups.deliveries.is_set()
+    [claimed] = await store.outbox.claim("s1", 60, 10)
     assert claimed.task_id == task.id
     assert claimed.locked_by == "s1"
     assert '"response_text":"ok"' in claimed.payload
     # Locked: nobody else gets it while the attempt is in flight.
-    assert await store.claim_deliveries("s2", 60, 10) == []
+    assert await store.outbox.claim("s2", 60, 10) == []
 
 
-async def test_record_attempt_schedules_the_next_and_only_the_lock_holder_moves_it(store: Store) -> None:
+async def test_record_attempt_schedules_the_next_and_only_the_lock_holder_moves_it(store: Storage) -> None:
     await finished_task(store)
-    [claimed] = await store.claim_deliveries("s1", 60, 10)
-    assert not await store.record_attempt(claimed.id, "intruder", attempt("delivered"))
+    [claimed] = await store.outbox.claim("s1", 60, 10)
+    assert not await store.outbox.record_attempt(claimed.id, "intruder", attempt("delivered"))
     later = utcnow() + dt.timedelta(hours=1)
-    assert await store.record_attempt(claimed.id, "s1", attempt("pending", later))
-    assert await store.claim_deliveries("s1", 60, 10) == []  # not due yet
-    [row] = await store.deliveries_for_task(claimed.task_id)
-    assert row["status"] == "pending"
-    assert row["attempt_count"] == 1
-    assert len(row["attempts"]) == 2  # both attempts are logged, even the one whose lock was not held
+    assert await store.outbox.record_attempt(claimed.id, "s1", attempt("pending", later))
+    assert await store.outbox.claim("s1", 60, 10) == []  # not due yet
+    [row] = await store.outbox.history(claimed.task_id)
+    assert row.delivery.status == "pending"
+    assert row.delivery.attempt_count == 1
+    assert len(row.attempts) == 2  # both attempts are logged, even the one whose lock was not held
 
 
-async def test_an_expired_lock_is_claimed_again_and_release_frees_locks(store: Store) -> None:
+async def test_an_expired_lock_is_claimed_again_and_release_frees_locks(store: Storage) -> None:
     await finished_task(store)
-    [first] = await store.claim_deliveries("dead", 0.05, 10)
+    [first] = await store.outbox.claim("dead", 0.05, 10)
     await asyncio.sleep(0.1)
-    [again] = await store.claim_deliveries("alive", 60, 10)
+    [again] = await store.outbox.claim("alive", 60, 10)
     assert again.id == first.id
-    assert await store.release_deliveries("alive") == 1
-    [third] = await store.claim_deliveries("other", 60, 10)
+    assert await store.outbox.release("alive") == 1
+    [third] = await store.outbox.claim("other", 60, 10)
     assert third.id == first.id
-    assert await store.record_attempt(third.id, "other", attempt("failed"))
-    assert await store.claim_deliveries("other", 60, 10) == []
-    [row] = await store.deliveries_for_task(third.task_id)
-    assert row["status"] == "failed"
+    assert await store.outbox.record_attempt(third.id, "other", attempt("failed"))
+    assert await store.outbox.claim("other", 60, 10) == []
+    [row] = await store.outbox.history(third.task_id)
+    assert row.delivery.status == "failed"
 
 
 async def test_concurrent_senders_claim_each_delivery_once(db_settings: Settings) -> None:
-    stores = [Store(create_engine(db_settings)) for _ in range(3)]
+    stores = [Storage.open(db_settings) for _ in range(3)]
     try:
         tasks = [await finished_task(stores[0], f"a{n}") for n in range(12)]
         for task in tasks:
-            await stores[0].queue_delivery(task, "http://example.com/again")
+            await stores[0].outbox.queue(
+                task_id=task.id,
+                account_id=task.account_id,
+                url="http://example.com/again",
+                payload=webhook_payload(task),
+                notify=False,
+            )
         claimed: list[str] = []
 
         async def sender(n: int) -> None:
-            while rows := await stores[n % 3].claim_deliveries(f"s{n}", 60, 2):
+            while rows := await stores[n % 3].outbox.claim(f"s{n}", 60, 2):
                 claimed.extend(r.id for r in rows)
                 await asyncio.sleep(0)
 

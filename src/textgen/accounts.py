@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 from textgen.catalog import to_micro
 from textgen.errors import AccountDisabled, Unauthorized
+from textgen.storage.accounts import AccountStore
 from textgen.storage.admin import AdminStore
-from textgen.storage.store import AccountRow, Store
+from textgen.storage.rows import AccountRow
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +39,7 @@ def new_api_key() -> str:
     return "tgk_" + secrets.token_urlsafe(32)
 
 
-async def create_account(store: Store, name: str, credits: float, rate_limit: int) -> NewAccount:
+async def create_account(store: AccountStore, name: str, credits: float, rate_limit: int) -> NewAccount:
     """Create an account with fresh credentials; the key is returned here and never stored."""
     api_id = "tg_" + secrets.token_hex(12)
     api_key = new_api_key()
@@ -63,8 +64,8 @@ class Authenticator:
     keeps working here. In the process that made the change it takes effect at once (``forget``).
     """
 
-    def __init__(self, store: Store, cache_seconds: float = 2.0) -> None:
-        self._keys = AdminStore(store)
+    def __init__(self, keys: AdminStore, cache_seconds: float = 2.0) -> None:
+        self._keys = keys
         self.cache_seconds = cache_seconds
         self._cache: dict[str, dict[str, tuple[float, AccountRow]]] = {}
 
@@ -96,3 +97,14 @@ class Authenticator:
                 self._cache.clear()
             self._cache.setdefault(api_id, {})[key_hash] = (now + self.cache_seconds, found[0])
         return found[0]
+
+
+class AccountService:
+    """What an account may ask about itself."""
+
+    def __init__(self, accounts: AccountStore) -> None:
+        self.accounts = accounts
+
+    async def balance(self, account: AccountRow) -> int:
+        """The account's current balance in micro-credits (read fresh: the cached row may be stale)."""
+        return (await self.accounts.account_by_id(account.id)).balance

@@ -22,48 +22,20 @@ from textgen.accounts import (
 )
 from textgen.catalog import from_micro, to_micro
 from textgen.errors import BadRequest
-from textgen.storage.admin import AdminStore, KeyRow, UsageRow
-from textgen.storage.store import AccountRow, Store, utcnow
+from textgen.presentation import iso
+from textgen.states import TaskStatus
+from textgen.storage import Storage
+from textgen.storage.admin import KeyRow, UsageRow
+from textgen.storage.rows import AccountRow, utcnow
 
 MAX_CREDITS = 1e12
-STATUSES = ("pending", "running", "done", "failed")
+STATUSES = tuple(status.value for status in TaskStatus)
 
 
 @dataclass(frozen=True, slots=True)
 class NewKey:
     key: KeyRow
     api_key: str
-
-
-def _iso(value: dt.datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
-
-
-def key_view(key: KeyRow) -> dict[str, Any]:
-    return {
-        "key_id": key.id,
-        "prefix": key.prefix,
-        "created_at": key.created_at.isoformat(),
-        "last_used_at": _iso(key.last_used_at),
-        "revoked_at": _iso(key.revoked_at),
-    }
-
-
-def account_view(account: AccountRow, keys: list[KeyRow] | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "api_id": account.api_id,
-        "name": account.name,
-        "remaining_credits": from_micro(account.balance),
-        "rate_limit_per_minute": account.rate_limit,
-        "disabled": account.disabled,
-        "webhook_secret": account.webhook_secret,
-        "created_at": account.created_at.isoformat(),
-    }
-    if account.webhook_secret_previous and account.webhook_secret_previous_until:
-        out["webhook_secret_previous_until"] = account.webhook_secret_previous_until.isoformat()
-    if keys is not None:
-        out["keys"] = [key_view(k) for k in keys]
-    return out
 
 
 def check_credits(amount: Any, field: str, *, allow_negative: bool) -> int:
@@ -101,14 +73,14 @@ class AccountAdmin:
 
     def __init__(
         self,
-        store: Store,
+        storage: Storage,
         *,
         default_rate_limit: int,
         webhook_secret_grace: dt.timedelta,
         auth: Authenticator | None = None,
     ) -> None:
-        self.store = store
-        self.db = AdminStore(store)
+        self.storage = storage
+        self.db = storage.admin
         self.default_rate_limit = default_rate_limit
         self.grace = webhook_secret_grace
         self.auth = auth
@@ -121,7 +93,7 @@ class AccountAdmin:
         name = check_text(name, "name")
         micro = check_credits(credits, "credits", allow_negative=False)
         rpm = self.default_rate_limit if rate_limit is None else check_rate_limit(rate_limit)
-        return await create_account(self.store, name, from_micro(micro), rpm)
+        return await create_account(self.storage.accounts, name, from_micro(micro), rpm)
 
     async def list_accounts(self, limit: int, after_id: int | None) -> tuple[list[AccountRow], bool]:
         return await self.db.list_accounts(limit, after_id)
@@ -156,7 +128,7 @@ class AccountAdmin:
         return key
 
     async def rotate_webhook_secret(self, api_id: str) -> AccountRow:
-        return await self.store.rotate_webhook_secret(api_id, new_webhook_secret(), self.grace)
+        return await self.storage.accounts.rotate_webhook_secret(api_id, new_webhook_secret(), self.grace)
 
     async def usage(
         self,
@@ -235,8 +207,8 @@ def usage_report(
         groups.setdefault(row.group, _Sum()).add(row)
         total.add(row)
     return {
-        "from": _iso(start),
-        "to": _iso(end),
+        "from": iso(start),
+        "to": iso(end),
         "group_by": group_by,
         "results": [{group_by: name, **entry.view()} for name, entry in groups.items()],
         "totals": {**total.view(), "credits_added": from_micro(added)},

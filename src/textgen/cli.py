@@ -29,23 +29,22 @@ def _logging(settings: Settings) -> None:
 
 
 async def _with_store(settings: Settings, action: Any) -> Any:
-    from textgen.storage.engine import create_engine
-    from textgen.storage.store import Store
+    from textgen.storage import Storage
 
-    store = Store(create_engine(settings))
+    storage = Storage.open(settings)
     try:
-        return await action(store)
+        return await action(storage)
     finally:
-        await store.aclose()
+        await storage.aclose()
 
 
 def _admin(settings: Settings, work: Any) -> Any:
     """Run ``work(admin)`` against the configured database: the same service the admin API calls."""
     from textgen.admin import AccountAdmin
 
-    async def action(store: Any) -> Any:
+    async def action(storage: Any) -> Any:
         admin = AccountAdmin(
-            store,
+            storage,
             default_rate_limit=settings.default_rate_limit,
             webhook_secret_grace=dt.timedelta(seconds=settings.webhook_secret_grace_seconds),
         )
@@ -71,10 +70,12 @@ def _bootstrap(settings: Settings, host: str, port: int) -> None:
     """First start with no accounts: create one and print its credentials once."""
     from textgen.accounts import create_account
 
-    async def action(store: Any) -> Any:
-        if await store.count_accounts() > 0:
+    async def action(storage: Any) -> Any:
+        if await storage.accounts.count_accounts() > 0:
             return None
-        return await create_account(store, "default", settings.default_credits, settings.default_rate_limit)
+        return await create_account(
+            storage.accounts, "default", settings.default_credits, settings.default_rate_limit
+        )
 
     created = asyncio.run(_with_store(settings, action))
     if created is None:
@@ -146,10 +147,13 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from textgen.services import Services, default_providers
 
     async def main() -> None:
-        svc = Services.build(settings, default_providers(settings))
-        if args.concurrency:
-            svc.worker.concurrency = args.concurrency
-        await svc.start_providers()
+        worker_settings = (
+            settings.model_copy(update={"worker_concurrency": args.concurrency})
+            if args.concurrency
+            else settings
+        )
+        svc = Services.build(worker_settings, default_providers(worker_settings))
+        await svc.open_providers()
         svc.start_webhooks()
         svc.start_notifications()
         loop = asyncio.get_running_loop()
@@ -176,8 +180,8 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_accounts(settings: Settings, args: argparse.Namespace) -> int:
-    from textgen.admin import account_view, key_view
     from textgen.errors import NotFound
+    from textgen.presentation import account_view, key_view
 
     command = args.accounts_command
     if command == "create":

@@ -1,7 +1,9 @@
-"""LISTEN/NOTIFY wake-ups on PostgreSQL.
+"""Waking the worker and the webhook sender when work is queued, in this process and (PostgreSQL) in others.
 
-The store issues ``pg_notify`` inside the transaction that queues work (delivered only on commit); a listener
-on its own asyncpg connection wakes this process's worker or webhook sender at once. Polling stays the
+Whoever queues work decides whom to wake (``Wakeups``): this process's own worker or sender through an
+event, other processes through ``pg_notify``, which storage issues inside the transaction that queues the
+work when asked to (delivered only on commit). A ``Listener`` on its own asyncpg connection wakes this
+process's worker or webhook sender at once. Polling stays the
 fallback: a notification lost while the listener reconnects only costs one poll interval.
 """
 
@@ -22,6 +24,44 @@ DELIVERIES_CHANNEL = "textgen_deliveries"
 APPLICATION_NAME = "textgen-listener"  # how the listener shows in pg_stat_activity
 
 Wake = Callable[[], None]
+
+
+class Wakeups:
+    """Whom to wake when a task or a webhook delivery is queued.
+
+    ``tasks`` and ``deliveries`` are the events this process's worker and webhook sender wait on. On
+    PostgreSQL a queued task also NOTIFYs other processes' workers; a queued delivery NOTIFYs other
+    processes' senders only while no sender runs here (one that does is woken in-process, and the senders
+    elsewhere find what it cannot take at once by polling).
+    """
+
+    def __init__(self, *, postgres: bool) -> None:
+        self.postgres = postgres
+        self.tasks = asyncio.Event()
+        self.deliveries = asyncio.Event()
+        self._local_senders = 0
+
+    def sender_started(self) -> None:
+        self._local_senders += 1
+
+    def sender_stopped(self) -> None:
+        self._local_senders = max(self._local_senders - 1, 0)
+
+    @property
+    def notify_tasks(self) -> bool:
+        """Whether a transaction that queues a task should NOTIFY other processes."""
+        return self.postgres
+
+    @property
+    def notify_deliveries(self) -> bool:
+        """Whether a transaction that queues a delivery should NOTIFY other processes."""
+        return self.postgres and self._local_senders == 0
+
+    def task_queued(self) -> None:
+        self.tasks.set()
+
+    def delivery_queued(self) -> None:
+        self.deliveries.set()
 
 
 def asyncpg_dsn(database_url: str) -> str:

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from textgen import media
+from textgen.states import TaskStatus
 
 MAX_MESSAGES = 10_000
 MAX_URL_LENGTH = 2048
@@ -41,13 +42,6 @@ class _Strict(BaseModel):
 class Role(StrEnum):
     user = "user"
     model = "model"
-
-
-class TaskStatus(StrEnum):
-    pending = "pending"
-    running = "running"
-    done = "done"
-    failed = "failed"
 
 
 class ResponseMimeType(StrEnum):

@@ -1,8 +1,8 @@
 """Streaming generations: a task that is created running, relayed chunk by chunk, then settled.
 
-Everything that can be refused is refused before the first byte of the response: ``StreamSession.open``
-admits the request, reserves credits, creates the task and pulls the provider's first chunk, so an
-upstream that fails at once becomes an ordinary HTTP error.
+Everything that can be refused is refused before the first byte of the response: ``Streams.open`` admits
+the request, reserves credits, creates the task and pulls the provider's first chunk, so an upstream that
+fails at once becomes an ordinary HTTP error. The generation runs under a ``Lease`` of the one lifecycle.
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from textgen import metrics
 from textgen.catalog import from_micro
 from textgen.errors import TextgenError, UpstreamError
+from textgen.lifecycle import Lease, Lifecycle
 from textgen.protocol import StreamRequest
 from textgen.providers import FunctionCall, Generation, StreamChunk
-from textgen.providers.base import current_account
-from textgen.runner import hold_lease
-from textgen.storage.store import AccountRow, Outcome, TaskRow
+from textgen.states import TaskMode, TaskStatus
+from textgen.storage.rows import AccountRow, Outcome, TaskRow
 from textgen.tasks import TaskService
 from textgen.timing import add_upstream
 
@@ -88,72 +87,56 @@ class StreamEvent:
     event: str | None = None
 
 
-class StreamSession:
-    """One streamed generation, from admission to settlement."""
+class Streams:
+    """Opens streamed generations."""
 
-    def __init__(
-        self,
-        service: TaskService,
-        task: TaskRow,
-        chunks: AsyncIterator[StreamChunk],
-        first: StreamChunk | None,
-        heartbeat: asyncio.Future[None],
-        watch: metrics.GenerationWatch,
-    ) -> None:
-        self.service = service
-        self.task = task
-        self._chunks = chunks
-        self._first = first
-        self._acc = _Accumulated()
-        self._finished = False
-        self._heartbeat = heartbeat
-        self._watch = watch
+    def __init__(self, tasks: TaskService, lifecycle: Lifecycle) -> None:
+        self.tasks = tasks
+        self.lifecycle = lifecycle
 
-    @classmethod
-    async def open(cls, service: TaskService, account: AccountRow, request: StreamRequest) -> StreamSession:
+    async def open(self, account: AccountRow, request: StreamRequest) -> StreamSession:
         """Admit, reserve and start the generation; raises TextgenError before any byte is sent."""
-        spec, provider, reserve = service.admit(request)
-        task = await service.store.create_task(
-            account_id=account.id,
-            model_name=request.model_name,
-            mode="stream",
-            request=service.stored_request(request),
-            webhook_url=None,
-            reserve=reserve,
-            lease_owner=service.worker_id,
-            lease_seconds=service.lease_seconds,
-        )
+        task, admission = await self.tasks.open_task(account, request, TaskMode.STREAM)
         # Held from the start: a slow first chunk must not let another worker take the task over.
-        heartbeat = asyncio.ensure_future(
-            hold_lease(service.store, task.id, service.worker_id, service.lease_seconds)
-        )
-        current_account.set(str(account.id))  # fair queueing across accounts on the local model
-        chunks = provider.stream(spec, request).__aiter__()
-        watch = metrics.generation_started(spec.name, spec.provider)
+        lease = self.lifecycle.lease(task, admission.spec)
+        chunks = admission.provider.stream(admission.spec, request, account=str(account.id)).__aiter__()
         try:
             first: StreamChunk | None = await chunks.__anext__()
-            watch.first_chunk()
+            lease.first_chunk()
         except StopAsyncIteration:
             first = None
         except BaseException as exc:
-            watch.done()
-            heartbeat.cancel()
+            add_upstream(lease.stop())
             with contextlib.suppress(Exception):
                 await chunks.aclose()  # type: ignore[attr-defined]
-            reason = (
-                exc.message if isinstance(exc, TextgenError) else f"generation failed: {type(exc).__name__}"
-            )
-            if not isinstance(exc, TextgenError | asyncio.CancelledError):
-                log.exception("task %s: stream failed before its first chunk", task.id)
-            await service.runner.finish(
-                task.id, service.worker_id, Outcome(status="failed", failed_reason=reason)
-            )
-            if isinstance(exc, TextgenError | asyncio.CancelledError):
+            if isinstance(exc, asyncio.CancelledError):
+                await lease.settle(Outcome.failed(CLIENT_DISCONNECTED))
                 raise
-            raise UpstreamError(reason) from exc
-        finally:
-            add_upstream(watch.elapsed())
-        return cls(service, task, chunks, first, heartbeat, watch)
+            outcome = self.lifecycle.failure(task, exc)
+            await lease.settle(outcome)
+            if isinstance(exc, TextgenError):
+                raise
+            raise UpstreamError(outcome.failed_reason) from exc
+        add_upstream(lease.elapsed())
+        return StreamSession(self.lifecycle, lease, chunks, first)
+
+
+class StreamSession:
+    """One streamed generation, from its first chunk to settlement."""
+
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        lease: Lease,
+        chunks: AsyncIterator[StreamChunk],
+        first: StreamChunk | None,
+    ) -> None:
+        self._lifecycle = lifecycle
+        self._lease = lease
+        self.task: TaskRow = lease.task
+        self._chunks = chunks
+        self._first = first
+        self._acc = _Accumulated()
 
     async def events(self) -> AsyncIterator[StreamEvent]:
         """Gemini-native chunks; the last also carries ``creatify: {id, credits_used}``."""
@@ -178,18 +161,14 @@ class StreamSession:
                     held = chunk
                 else:
                     yield StreamEvent(gemini_chunk(chunk, self.task.model_name, self.task.id))
-        except TextgenError as exc:
-            await self._finish(Outcome(status="failed", failed_reason=exc.message))
-            yield self._error_event(exc.message, getattr(exc, "status_code", 502))
-            return
         except Exception as exc:
-            log.exception("task %s: stream failed", self.task.id)
-            reason = f"generation failed: {type(exc).__name__}"
-            await self._finish(Outcome(status="failed", failed_reason=reason))
-            yield self._error_event(reason, 502)
+            outcome = self._lifecycle.failure(self.task, exc)
+            await self._lease.settle(outcome)
+            status = getattr(exc, "status_code", 502) if isinstance(exc, TextgenError) else 502
+            yield self._error_event(outcome.failed_reason, status)
             return
-        finished = await self._finish(
-            self.service.runner.outcome(self.task.model_name, self._acc.generation())
+        finished = await self._lease.settle(
+            self._lifecycle.outcome(self.task.model_name, self._acc.generation())
         )
         last = held or StreamChunk(
             finish_reason="STOP", input_tokens=self._acc.input_tokens, output_tokens=self._acc.output_tokens
@@ -210,19 +189,12 @@ class StreamSession:
 
     async def abort(self) -> None:
         """The client went away: stop the generation and charge only the tokens produced so far."""
-        if self._finished:
+        if self._lease.settled:
             return
         with contextlib.suppress(Exception):
             await self._chunks.aclose()  # type: ignore[attr-defined]
-        partial = self._acc.generation()
-        outcome = self.service.runner.outcome(self.task.model_name, partial)
-        outcome.status = "failed"
+        outcome = self._lifecycle.outcome(
+            self.task.model_name, self._acc.generation(), status=TaskStatus.FAILED
+        )
         outcome.failed_reason = CLIENT_DISCONNECTED
-        outcome.finish_reason = None
-        await self._finish(outcome)
-
-    async def _finish(self, outcome: Outcome) -> TaskRow | None:
-        self._finished = True
-        self._watch.done()
-        self._heartbeat.cancel()
-        return await self.service.runner.finish(self.task.id, self.service.worker_id, outcome)
+        await self._lease.settle(outcome)

@@ -1,44 +1,26 @@
-"""The task service: admission (model, features, credits), creation, sync execution and reads."""
+"""The task service: admission (model, features, credits), creation, sync execution, reads and redelivery."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import datetime as dt
+from dataclasses import dataclass
 from typing import Any
 
-from textgen.catalog import ModelSpec, Pricing, from_micro
+from textgen.catalog import ModelSpec, Pricing
 from textgen.errors import BadRequest
-from textgen.protocol import GenerationInput, TaskStatus, TextGenRequest, TextGenResponse
+from textgen.lifecycle import Lifecycle
+from textgen.notify import Wakeups
+from textgen.protocol import GenerationInput, TextGenRequest
 from textgen.providers import Provider, ProviderRegistry
-from textgen.runner import Runner
-from textgen.storage.store import AccountRow, Cursor, Outcome, Store, TaskRow
+from textgen.states import TaskMode, TaskStatus
+from textgen.storage.outbox import Outbox
+from textgen.storage.queue import TaskQueue
+from textgen.storage.rows import AccountRow, Cursor, DeliveryHistory, Outcome, TaskRow
 from textgen.webhooks.addresses import AddressPolicy, RefusedDestination
 
 _STORED_EXCLUDE = {"model_name", "sync", "webhook_url"}
-
-
-def to_response(task: TaskRow) -> TextGenResponse:
-    request = task.request
-    return TextGenResponse.model_validate(
-        {
-            "id": task.id,
-            "model_name": task.model_name,
-            "messages": request.get("messages", []),
-            "system_instruction": request.get("system_instruction", ""),
-            "config": request.get("config", {}),
-            "status": task.status,
-            "response_text": task.response_text,
-            "response_function_calls": task.response_function_calls,
-            "failed_reason": task.failed_reason,
-            "credits_used": from_micro(task.credits_used),
-            "input_tokens": task.input_tokens,
-            "output_tokens": task.output_tokens,
-            "created_at": task.created_at,
-            "updated_at": task.updated_at,
-        },
-        strict=False,  # stored data was validated (strictly) when it came in
-    )
 
 
 def encode_cursor(task: TaskRow) -> str:
@@ -59,89 +41,96 @@ def decode_cursor(value: str) -> Cursor:
         raise BadRequest("cursor: invalid pagination cursor") from exc
 
 
+@dataclass(frozen=True, slots=True)
+class Admission:
+    spec: ModelSpec
+    provider: Provider
+    reserve: int  # the worst-case cost, in micro-credits
+
+
 class TaskService:
     def __init__(
         self,
-        store: Store,
+        queue: TaskQueue,
+        outbox: Outbox,
         registry: ProviderRegistry,
         pricing: Pricing,
-        runner: Runner,
+        lifecycle: Lifecycle,
+        wakeups: Wakeups,
+        webhook_policy: AddressPolicy,
         *,
-        worker_id: str,
-        lease_seconds: float,
         sync_timeout: float,
     ) -> None:
-        self.store = store
+        self.queue = queue
+        self.outbox = outbox
         self.registry = registry
         self.pricing = pricing
-        self.runner = runner
-        self.worker_id = worker_id
-        self.lease_seconds = lease_seconds
+        self.lifecycle = lifecycle
+        self.wakeups = wakeups
+        self.webhook_policy = webhook_policy  # refuses webhook URLs that reach private addresses
         self.sync_timeout = sync_timeout
-        self.on_queued: list[Any] = []
-        # Refuses webhook URLs that reach private addresses; Services loosens it per settings.
-        self.webhook_policy = AddressPolicy()
 
-    def admit(self, request: GenerationInput) -> tuple[ModelSpec, Provider, int]:
-        """Check model and features; return the worst-case cost to reserve, in micro-credits."""
+    def admit(self, request: GenerationInput) -> Admission:
+        """Check model and features, and price the worst case to reserve."""
         spec, provider = self.registry.admit(request)
         input_estimate = provider.count_input_tokens(spec, request)
         max_output = request.config.max_output_tokens or spec.default_output_tokens
-        return spec, provider, self.pricing.cost(spec, input_estimate, max_output)
+        return Admission(spec, provider, self.pricing.cost(spec, input_estimate, max_output))
 
     @staticmethod
     def stored_request(request: GenerationInput) -> dict[str, Any]:
         return request.model_dump(mode="json", exclude=_STORED_EXCLUDE, exclude_none=True)
 
-    async def create(self, account: AccountRow, request: TextGenRequest) -> TaskRow:
-        """Create a task; a sync one is run here and returned finished."""
-        _, _, reserve = self.admit(request)
-        if request.webhook_url:
+    async def open_task(
+        self, account: AccountRow, request: GenerationInput, mode: TaskMode, webhook_url: str | None = None
+    ) -> tuple[TaskRow, Admission]:
+        """Admit the request, reserve its worst case and create its task: queued (async), or running and
+        leased to this process (sync, stream)."""
+        admission = self.admit(request)
+        if webhook_url:
             try:
-                await self.webhook_policy.check_url(request.webhook_url)
+                await self.webhook_policy.check_url(webhook_url)
             except RefusedDestination as exc:
                 raise BadRequest(f"webhook_url: {exc}") from None
-        if not request.sync:
-            task = await self.store.create_task(
-                account_id=account.id,
-                model_name=request.model_name,
-                mode="async",
-                request=self.stored_request(request),
-                webhook_url=request.webhook_url,
-                reserve=reserve,
-            )
-            for callback in self.on_queued:
-                callback()
-            return task
-        task = await self.store.create_task(
+        queued = mode == TaskMode.ASYNC
+        task = await self.queue.create(
             account_id=account.id,
             model_name=request.model_name,
-            mode="sync",
+            mode=mode,
             request=self.stored_request(request),
-            webhook_url=request.webhook_url,
-            reserve=reserve,
-            lease_owner=self.worker_id,
-            lease_seconds=self.lease_seconds,
+            webhook_url=webhook_url,
+            reserve=admission.reserve,
+            lease_owner=None if queued else self.lifecycle.worker_id,
+            lease_seconds=self.lifecycle.lease_seconds,
+            notify=queued and self.wakeups.notify_tasks,
         )
+        if queued:
+            self.wakeups.task_queued()
+        return task, admission
+
+    async def create(self, account: AccountRow, request: TextGenRequest) -> TaskRow:
+        """Create a task; a sync one is run here and returned finished."""
+        mode = TaskMode.SYNC if request.sync else TaskMode.ASYNC
+        task, _ = await self.open_task(account, request, mode, request.webhook_url)
+        if mode == TaskMode.ASYNC:
+            return task
         # Shielded: a client that hangs up does not abandon a generation it has been charged for.
         run = asyncio.ensure_future(self._run_sync(task))
         finished = await asyncio.shield(run)
-        return finished or await self.store.get_task(task.id)
+        return finished or await self.queue.get(task.id)
 
     async def _run_sync(self, task: TaskRow) -> TaskRow | None:
         try:
-            return await asyncio.wait_for(self.runner.run(task, self.worker_id), self.sync_timeout)
+            return await asyncio.wait_for(self.lifecycle.run(task), self.sync_timeout)
         except TimeoutError:
-            return await self.runner.finish(
-                task.id,
-                self.worker_id,
-                Outcome(status="failed", failed_reason=f"timed out after {self.sync_timeout:g} s"),
+            return await self.lifecycle.finish(
+                task, Outcome.failed(f"timed out after {self.sync_timeout:g} s")
             )
 
     async def get(self, account: AccountRow, task_id: str) -> TaskRow:
-        return await self.store.get_task(task_id, account.id)
+        return await self.queue.get(task_id, account.id)
 
-    async def list(
+    async def page(
         self,
         account: AccountRow,
         *,
@@ -159,9 +148,7 @@ class TaskService:
                 after = decode_cursor(value)
             else:
                 before = decode_cursor(value)
-        rows, more = await self.store.list_tasks(
-            account.id, limit=limit, status=status.value if status else None, after=after, before=before
-        )
+        rows, more = await self.queue.list(account.id, limit=limit, status=status, after=after, before=before)
         if not rows:
             return rows, None, None
         has_older = more if before is None else True
@@ -169,3 +156,25 @@ class TaskService:
         next_cursor = f"n:{encode_cursor(rows[-1])}" if has_older else None
         prev_cursor = f"p:{encode_cursor(rows[0])}" if has_newer else None
         return rows, next_cursor, prev_cursor
+
+    async def deliveries(self, account: AccountRow, task_id: str) -> tuple[TaskRow, list[DeliveryHistory]]:
+        """A task of ``account`` and its webhook deliveries."""
+        task = await self.get(account, task_id)
+        return task, await self.outbox.history(task.id)
+
+    async def redeliver(self, account: AccountRow, task_id: str) -> DeliveryHistory:
+        """Queue a new delivery (a new webhook-id) of a finished task's payload to its webhook_url."""
+        task = await self.get(account, task_id)
+        if not task.status.finished:
+            raise BadRequest(f"task {task.id} is {task.status}; only finished tasks can be redelivered")
+        if not task.webhook_url:
+            raise BadRequest(f"task {task.id} has no webhook_url")
+        delivery_id = await self.outbox.queue(
+            task_id=task.id,
+            account_id=task.account_id,
+            url=task.webhook_url,
+            payload=self.queue.payload(task),
+            notify=self.wakeups.notify_deliveries,
+        )
+        self.wakeups.delivery_queued()
+        return next(h for h in await self.outbox.history(task.id) if h.delivery.id == delivery_id)

@@ -31,12 +31,16 @@ class FakeProvider:
     fail_with: str | None = None
     gate: asyncio.Event | None = None
     calls: list[GenerationInput] = field(default_factory=list)
+    accounts: list[str] = field(default_factory=list)  # whose request each call was
     output_tokens: int = 5
     started: asyncio.Event = field(default_factory=asyncio.Event)
     chunk_delay: float = 0.0
     fail_after_chunks: int | None = None
     fail_before_first: UpstreamError | None = None
     stream_closed: int = 0
+
+    async def open(self) -> None:
+        return None
 
     def available(self) -> bool:
         return True
@@ -47,8 +51,9 @@ class FakeProvider:
     def count_input_tokens(self, spec: ModelSpec, request: GenerationInput) -> int:
         return estimate_prompt_tokens(request)
 
-    async def generate(self, spec: ModelSpec, request: GenerationInput) -> Generation:
+    async def generate(self, spec: ModelSpec, request: GenerationInput, *, account: str) -> Generation:
         self.calls.append(request)
+        self.accounts.append(account)
         self.started.set()
         if self.gate is not None:
             await self.gate.wait()
@@ -59,10 +64,12 @@ class FakeProvider:
         text = f"echo: {request.messages[-1].text()}"
         return Generation(text=text, input_tokens=7, output_tokens=self.output_tokens)
 
-    async def stream(self, spec: ModelSpec, request: GenerationInput) -> AsyncIterator[StreamChunk]:
+    async def stream(
+        self, spec: ModelSpec, request: GenerationInput, *, account: str
+    ) -> AsyncIterator[StreamChunk]:
         if self.fail_before_first is not None:
             raise self.fail_before_first
-        result = await self.generate(spec, request)
+        result = await self.generate(spec, request, account=account)
         words = result.text.split(" ")
         try:
             for i, word in enumerate(words):

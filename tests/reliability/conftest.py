@@ -18,7 +18,7 @@ from tests.fakes.providers import FAKE_MODELS_TOML, FakeProvider
 from textgen.providers.gemini import GeminiProvider
 from textgen.services import Services
 from textgen.settings import Settings
-from textgen.storage.store import TERMINAL
+from textgen.states import TERMINAL
 
 T = TypeVar("T")
 # Retries compressed so that upstream faults resolve in milliseconds; the policy is the same.
@@ -51,12 +51,12 @@ async def assert_books_balance(services: Services, account: Account, opening: fl
     """No credit lost or double-charged: the ledger sums to the balance, and every credit spent is
     charged to exactly one finished task (failed tasks are charged nothing)."""
     for _ in range(600):  # tasks still in flight finish first (the worker is running)
-        rows, _ = await services.store.list_tasks(account.id, limit=10_000)
+        rows, _ = await services.storage.tasks.list(account.id, limit=10_000)
         if all(row.status in TERMINAL for row in rows):
             break
         await asyncio.sleep(0.05)
     assert all(row.status in TERMINAL for row in rows), [(r.id, r.status) for r in rows]
-    summary = await services.store.ledger_summary(account.id)
+    summary = await services.storage.accounts.ledger_summary(account.id)
     assert summary.ledger_sum == summary.balance
     assert all(row.credits_used == 0 for row in rows if row.status == "failed")
     charged = sum(row.credits_used for row in rows)

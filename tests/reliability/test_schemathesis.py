@@ -51,7 +51,7 @@ MODELS = [
     "gemini-2.5-flash",
     "gemini-2.5-flash",
     "gemini-3-flash-preview",
-    "smollm2-135m-instruct",
+    "fake-model",  # the fuzzed service runs no embedded model
 ]
 
 pytestmark = [
@@ -124,9 +124,12 @@ def fuzz(schema: schemathesis.BaseSchema, service: LiveService, cases: int) -> C
     """Send ``cases`` generated requests, valid and invalid, validating each response; count the statuses."""
     statuses: Counter[int] = Counter()
     session = requests.Session()
+    # Half the cases are valid per schema and repaired, so that a fair share reaches generation.
     strategy = st.one_of(
-        st.tuples(schema.as_strategy(GenerationMode.POSITIVE), st.booleans()),
+        st.tuples(schema.as_strategy(GenerationMode.POSITIVE), st.just(True)),
+        st.tuples(schema.as_strategy(GenerationMode.POSITIVE), st.just(False)),
         st.tuples(schema.as_strategy(GenerationMode.NEGATIVE), st.just(False)),
+        st.tuples(schema.as_strategy(GenerationMode.POSITIVE), st.just(True)),
     )
 
     @settings(
@@ -194,9 +197,9 @@ def _settled(service: LiveService) -> None:
 
 
 async def _wait_terminal(service: LiveService) -> None:
-    store = service.server.services.store
+    store = service.server.services.storage
     for _ in range(1200):
-        counts = await store.task_counts()
+        counts = await store.tasks.counts()
         if not counts.get("pending") and not counts.get("running"):
             return
         await asyncio.sleep(0.05)

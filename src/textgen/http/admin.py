@@ -7,7 +7,6 @@ with a session cookie derived from the token. Handlers parse, call one ``Account
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import hashlib
 import hmac
 import json
@@ -17,25 +16,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from textgen.admin import AccountAdmin, account_view, key_view
+from textgen.admin import AccountAdmin
 from textgen.errors import BadRequest, Unauthorized
+from textgen.presentation import account_view, key_view
 from textgen.settings import Settings
 
 SESSION_COOKIE = "textgen_admin"
 
 
 def admin_service(request: Request) -> AccountAdmin:
-    state = request.app.state
-    admin: AccountAdmin | None = getattr(state, "account_admin", None)
-    if admin is None:
-        svc = state.services
-        admin = AccountAdmin(
-            svc.store,
-            default_rate_limit=svc.settings.default_rate_limit,
-            webhook_secret_grace=dt.timedelta(seconds=svc.settings.webhook_secret_grace_seconds),
-            auth=svc.auth,
-        )
-        state.account_admin = admin
+    admin: AccountAdmin = request.app.state.services.admin
     return admin
 
 

@@ -49,7 +49,7 @@ def create_app(
             chosen = providers
         svc = Services.build(settings, chosen)
         app.state.services = svc
-        await svc.start_providers()
+        await svc.open_providers()
         if settings.run_worker if run_worker is None else run_worker:
             await svc.start_worker()
         try:

@@ -40,7 +40,7 @@ def check_token(request: Request, token: str | None) -> None:
 def _queue_depth(svc: Services, request: Request) -> metrics.QueueDepth:
     depth: metrics.QueueDepth | None = getattr(request.app.state, "queue_depth", None)
     if depth is None:
-        depth = metrics.QueueDepth(svc.store.queue_depth)
+        depth = metrics.QueueDepth(svc.storage.tasks.depth)
         request.app.state.queue_depth = depth
     return depth
 

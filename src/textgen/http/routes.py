@@ -8,20 +8,13 @@ from urllib.parse import urlencode
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
-from textgen.catalog import from_micro
 from textgen.errors import BadRequest, StorageUnavailable
-from textgen.protocol import (
-    ModelInfo,
-    ModelList,
-    RemainingCredits,
-    TaskPage,
-    TaskStatus,
-    TextGenRequest,
-)
+from textgen.presentation import credits_json, task_json, task_page
+from textgen.protocol import ModelInfo, ModelList, TextGenRequest
 from textgen.ratelimit import Quota
 from textgen.services import Services
-from textgen.storage.store import AccountRow
-from textgen.tasks import to_response
+from textgen.states import TaskStatus
+from textgen.storage.rows import AccountRow
 
 
 def services(request: Request) -> Services:
@@ -52,13 +45,13 @@ async def create_task(request: Request) -> Response:
     body = await read_body(request)
     payload = TextGenRequest.model_validate_json(body)
     task = await services(request).tasks.create(account, payload)
-    return json_response(to_response(task).model_dump(mode="json", exclude_none=True), 201, quota)
+    return json_response(task_json(task), 201, quota)
 
 
 async def get_task(request: Request) -> Response:
     account, quota = await authorize(request)
     task = await services(request).tasks.get(account, str(request.path_params["task_id"]))
-    return json_response(to_response(task).model_dump(mode="json", exclude_none=True), 200, quota)
+    return json_response(task_json(task), 200, quota)
 
 
 def _page_url(request: Request, params: dict[str, str]) -> str:
@@ -85,29 +78,22 @@ async def list_tasks(request: Request) -> Response:
         status = TaskStatus(status_value) if status_value is not None else None
     except ValueError:
         raise BadRequest("status: must be one of pending, running, done, failed") from None
-    rows, next_cursor, prev_cursor = await svc.tasks.list(
+    rows, next_cursor, prev_cursor = await svc.tasks.page(
         account, limit=limit, status=status, cursor=query.get("cursor")
     )
     common = {"limit": str(limit), **({"status": status.value} if status else {})}
-    page = TaskPage(
-        next=_page_url(request, {**common, "cursor": next_cursor}) if next_cursor else None,
-        previous=_page_url(request, {**common, "cursor": prev_cursor}) if prev_cursor else None,
-        results=[to_response(row) for row in rows],
+    body = task_page(
+        rows,
+        _page_url(request, {**common, "cursor": next_cursor}) if next_cursor else None,
+        _page_url(request, {**common, "cursor": prev_cursor}) if prev_cursor else None,
     )
-    body = {
-        "next": page.next,
-        "previous": page.previous,
-        "results": [r.model_dump(mode="json", exclude_none=True) for r in page.results],
-    }
     return json_response(body, 200, quota)
 
 
 async def remaining_credits(request: Request) -> Response:
     account, quota = await authorize(request)
-    fresh = await services(request).store.account_by_id(account.id)
-    return json_response(
-        RemainingCredits(remaining_credits=from_micro(fresh.balance)).model_dump(), 200, quota
-    )
+    balance = await services(request).accounts.balance(account)
+    return json_response(credits_json(balance), 200, quota)
 
 
 async def list_models(request: Request) -> Response:
@@ -139,7 +125,7 @@ async def readyz(request: Request) -> Response:
     checks: dict[str, Any] = {}
     ready = True
     try:
-        await svc.store.ping()
+        await svc.storage.db.ping()
         checks["database"] = "ok"
     except StorageUnavailable as exc:
         checks["database"] = exc.message

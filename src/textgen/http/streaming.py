@@ -12,14 +12,13 @@ from starlette.responses import Response
 
 from textgen.http.routes import authorize, read_body, services
 from textgen.protocol import StreamRequest
-from textgen.streaming import StreamSession
 
 
 async def stream_task(request: Request) -> Response:
     account, quota = await authorize(request)
     payload = StreamRequest.model_validate_json(await read_body(request))
     svc = services(request)
-    session = await StreamSession.open(svc.tasks, account, payload)
+    session = await svc.streams.open(account, payload)
 
     async def body() -> AsyncIterator[ServerSentEvent]:
         completed = False

@@ -1,18 +1,17 @@
-"""The provider protocol: every model backend implements ``generate`` and ``stream``."""
+"""The provider protocol: every model backend implements ``generate`` and ``stream``.
+
+A provider is opened once before it serves (loading a model, say) and closed once at shutdown. Every
+generation names the account it is for, so a provider that queues can queue fairly across accounts.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from textgen.catalog import ModelSpec
 from textgen.protocol import GenerationInput
-
-# Whose request is being generated (an account key), for providers that queue fairly across accounts.
-# Set by whoever runs a generation (the task runner, the streaming endpoint); None when unknown.
-current_account: ContextVar[str | None] = ContextVar("textgen_current_account", default=None)
 
 
 @dataclass(slots=True)
@@ -60,6 +59,10 @@ class StreamChunk:
 class Provider(Protocol):
     name: str
 
+    async def open(self) -> None:
+        """Prepare to serve (load a model, ...); raises ConfigurationError when the provider cannot."""
+        ...
+
     def available(self) -> bool:
         """Whether this provider can serve requests now (key configured, model loaded)."""
         ...
@@ -72,11 +75,15 @@ class Provider(Protocol):
         """An upper bound of the prompt's tokens, used to reserve credits."""
         ...
 
-    async def generate(self, spec: ModelSpec, request: GenerationInput) -> Generation: ...
+    async def generate(self, spec: ModelSpec, request: GenerationInput, *, account: str) -> Generation: ...
 
-    def stream(self, spec: ModelSpec, request: GenerationInput) -> AsyncIterator[StreamChunk]: ...
+    def stream(
+        self, spec: ModelSpec, request: GenerationInput, *, account: str
+    ) -> AsyncIterator[StreamChunk]: ...
 
-    async def aclose(self) -> None: ...
+    async def aclose(self) -> None:
+        """Stop serving and free what ``open`` took (after in-flight generations have stopped)."""
+        ...
 
 
 def estimate_prompt_tokens(request: GenerationInput, per_media_part: int = 0) -> int:

@@ -52,6 +52,9 @@ class GeminiProvider:
 
     # -- the Provider protocol ------------------------------------------------------------
 
+    async def open(self) -> None:
+        """Nothing to prepare: the HTTP client is made on first use."""
+
     def available(self) -> bool:
         return bool(self.settings.gemini_api_key)
 
@@ -61,7 +64,7 @@ class GeminiProvider:
     def count_input_tokens(self, spec: ModelSpec, request: GenerationInput) -> int:
         return mapping.estimate_input_tokens(request)
 
-    async def generate(self, spec: ModelSpec, request: GenerationInput) -> Generation:
+    async def generate(self, spec: ModelSpec, request: GenerationInput, *, account: str) -> Generation:
         client = self.client
         async with self._uploaded_media(request) as files:
             contents = mapping.build_contents(request, files)
@@ -75,7 +78,9 @@ class GeminiProvider:
             )
             return mapping.to_generation(response)
 
-    async def stream(self, spec: ModelSpec, request: GenerationInput) -> AsyncGenerator[StreamChunk, None]:
+    async def stream(
+        self, spec: ModelSpec, request: GenerationInput, *, account: str
+    ) -> AsyncGenerator[StreamChunk, None]:
         client = self.client
         async with self._uploaded_media(request) as files:
             contents = mapping.build_contents(request, files)

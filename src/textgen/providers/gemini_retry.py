@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import email.utils
 import random
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +13,7 @@ import httpx2
 from google.genai import errors as genai_errors
 
 from textgen.errors import UpstreamError
+from textgen.retry_after import parse_retry_after
 
 RETRYABLE_STATUSES = frozenset({429, 500, 503, 504})
 # What the client of this service sees for an upstream status (anything else: 502 Bad Gateway).
@@ -79,20 +78,6 @@ def parse_duration(value: Any) -> float | None:
         return None
     match = _DURATION.match(value)
     return float(match.group(1)) if match else None
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """A Retry-After header: delta seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def classify(exc: BaseException) -> UpstreamFailure | None:

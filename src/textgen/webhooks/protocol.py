@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -30,7 +30,3 @@ class WebhookDelivery(BaseModel):
 class WebhookDeliveryList(BaseModel):
     task_id: str
     results: list[WebhookDelivery]
-
-
-def delivery_view(row: dict[str, Any]) -> WebhookDelivery:
-    return WebhookDelivery.model_validate(row)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import random
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,22 +17,6 @@ class GiveUp:
 
 
 Decision = Retry | GiveUp
-
-
-def parse_retry_after(value: str | None, now: dt.datetime) -> float | None:
-    """``Retry-After`` in seconds from ``now`` (delta-seconds or an HTTP date); None if absent or invalid."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return max((when - now).total_seconds(), 0.0)
 
 
 @dataclass(frozen=True, slots=True)

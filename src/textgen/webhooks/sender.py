@@ -9,9 +9,7 @@ that dies mid-attempt leaves a delivery another sender retries once the lock exp
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
-import functools
 import heapq
 import logging
 import ssl
@@ -23,11 +21,17 @@ import httpx
 from standardwebhooks import Webhook
 
 from textgen import __version__, metrics
+from textgen.claimloop import ClaimLoop
 from textgen.errors import ConfigurationError, StorageUnavailable
+from textgen.retry_after import parse_retry_after
 from textgen.settings import Settings
-from textgen.storage.store import AttemptRecord, DeliveryRow, Store, utcnow
+from textgen.states import DeliveryStatus
+from textgen.storage.accounts import AccountStore
+from textgen.storage.outbox import Outbox
+from textgen.storage.retrying import retrying
+from textgen.storage.rows import AttemptRecord, DeliveryRow, utcnow
 from textgen.webhooks.addresses import AddressPolicy, GuardedBackend, RefusedDestination
-from textgen.webhooks.retry import GiveUp, Retry, RetrySchedule, parse_retry_after
+from textgen.webhooks.retry import GiveUp, Retry, RetrySchedule
 
 log = logging.getLogger("textgen.webhooks")
 
@@ -85,10 +89,11 @@ def _excerpt(text: str) -> str:
     return text if len(text) <= _ERROR_EXCERPT else text[: _ERROR_EXCERPT - 1] + "…"
 
 
-class WebhookSender:
+class WebhookSender(ClaimLoop[DeliveryRow]):
     def __init__(
         self,
-        store: Store,
+        outbox: Outbox,
+        accounts: AccountStore,
         *,
         worker_id: str,
         policy: AddressPolicy,
@@ -96,103 +101,83 @@ class WebhookSender:
         timeout: float,
         concurrency: int,
         poll_seconds: float,
+        wake: asyncio.Event,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        self.store = store
+        super().__init__(name="webhook", capacity=concurrency, poll_seconds=poll_seconds, wake=wake, log=log)
+        self.outbox = outbox
+        self.accounts = accounts
         self.worker_id = worker_id
         self.policy = policy
         self.schedule = schedule
         self.timeout = timeout
-        self.concurrency = concurrency
-        self.poll_seconds = poll_seconds
         self.lock_seconds = timeout + _LOCK_MARGIN_SECONDS
         self._client = guarded_client(policy, timeout, concurrency, ssl_context)
-        self._wake = asyncio.Event()
-        self._stopping = False
-        self._inflight: dict[str, asyncio.Task[None]] = {}
         self._due: list[float] = []  # monotonic times of retries this sender scheduled
         self.attempts = 0
 
+    @property
+    def concurrency(self) -> int:
+        return self.capacity
+
     @classmethod
     def from_settings(
-        cls, store: Store, settings: Settings, worker_id: str, policy: AddressPolicy
+        cls,
+        outbox: Outbox,
+        accounts: AccountStore,
+        settings: Settings,
+        *,
+        worker_id: str,
+        policy: AddressPolicy,
+        wake: asyncio.Event,
     ) -> WebhookSender:
         try:
             schedule = RetrySchedule.parse(settings.webhook_schedule, settings.webhook_jitter)
         except ValueError as exc:
             raise ConfigurationError(f"invalid configuration: TEXTGEN_WEBHOOK_SCHEDULE: {exc}") from exc
         return cls(
-            store,
+            outbox,
+            accounts,
             worker_id=worker_id,
             policy=policy,
             schedule=schedule,
             timeout=settings.webhook_timeout_seconds,
             concurrency=settings.webhook_concurrency,
             poll_seconds=settings.webhook_poll_seconds,
+            wake=wake,
         )
 
-    def notify(self) -> None:
-        """Wake the claim loop (a delivery was just queued in this process)."""
-        self._wake.set()
+    async def claim(self, room: int) -> list[DeliveryRow]:
+        return await self.outbox.claim(self.worker_id, self.lock_seconds, room)
 
-    async def run(self, *, burst: bool = False) -> None:
-        """Send due deliveries until stopped; with ``burst``, return once nothing is due or in flight."""
-        self._stopping = False
-        while not self._stopping:
-            self._wake.clear()
-            free = self.concurrency - len(self._inflight)
-            claimed: list[DeliveryRow] = []
-            if free > 0:
-                try:
-                    claimed = await self.store.claim_deliveries(self.worker_id, self.lock_seconds, free)
-                except StorageUnavailable as exc:
-                    log.warning("webhooks: cannot claim deliveries (%s); retrying", exc)
-            for delivery in claimed:
-                attempt = asyncio.create_task(self._attempt(delivery), name=f"webhook-{delivery.id}")
-                self._inflight[delivery.id] = attempt
-                attempt.add_done_callback(functools.partial(self._done, delivery.id))
-            if claimed and len(self._inflight) < self.concurrency:
-                continue  # more may be due
-            if burst and not claimed:
-                if not self._inflight:
-                    return
-                await asyncio.wait(list(self._inflight.values()), return_when=asyncio.FIRST_COMPLETED)
-                continue
-            await self._sleep()
+    def key(self, item: DeliveryRow) -> str:
+        return item.id
 
-    def _done(self, delivery_id: str, _: asyncio.Task[None]) -> None:
-        self._inflight.pop(delivery_id, None)
-        self._wake.set()
+    async def handle(self, item: DeliveryRow) -> None:
+        await self._attempt(item)
 
-    async def _sleep(self) -> None:
+    async def give_back(self, keys: list[str]) -> None:
+        try:
+            await self.outbox.release(self.worker_id, keys)
+        except StorageUnavailable as exc:
+            log.warning("webhooks: could not release deliveries on shutdown (%s)", exc)
+
+    def poll_timeout(self) -> float:
         now = time.monotonic()
         while self._due and self._due[0] <= now:
             heapq.heappop(self._due)
-        timeout = min(self.poll_seconds, self._due[0] - now) if self._due else self.poll_seconds
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), max(timeout, 0.0))
+        return min(self.poll_seconds, self._due[0] - now) if self._due else self.poll_seconds
 
-    async def stop(self, grace: float) -> None:
+    async def stop(self, grace_seconds: float) -> None:
         """Stop claiming; give in-flight attempts ``grace`` seconds to finish, then unlock what is left."""
-        self._stopping = True
-        self._wake.set()
-        if self._inflight:
-            _, unfinished = await asyncio.wait(list(self._inflight.values()), timeout=grace)
-            for attempt in unfinished:
-                attempt.cancel()
-            await asyncio.gather(*unfinished, return_exceptions=True)
-            if unfinished:
-                try:
-                    await self.store.release_deliveries(self.worker_id)
-                except StorageUnavailable as exc:
-                    log.warning("webhooks: could not release deliveries on shutdown (%s)", exc)
+        await super().stop(grace_seconds)
         await self._client.aclose()
 
     async def _attempt(self, delivery: DeliveryRow) -> None:
         attempted_at = utcnow()
         started = time.perf_counter()
         try:
-            account = await self.store.account_by_id(delivery.account_id)
+            account = await self.accounts.account_by_id(delivery.account_id)
         except StorageUnavailable as exc:
             log.warning("webhook %s: cannot read the signing secret (%s); will retry", delivery.id, exc)
             return  # the lock expires and the delivery is claimed again
@@ -208,14 +193,14 @@ class WebhookSender:
         error = result.error
         next_at: dt.datetime | None = None
         if decision is None:
-            outcome = "delivered"
+            outcome = DeliveryStatus.DELIVERED
         elif isinstance(decision, Retry):
-            outcome = "pending"
+            outcome = DeliveryStatus.PENDING
             next_at = utcnow() + dt.timedelta(seconds=decision.delay)
             heapq.heappush(self._due, time.monotonic() + decision.delay)
         else:
             assert isinstance(decision, GiveUp)
-            outcome = "failed"
+            outcome = DeliveryStatus.FAILED
             error = f"{error}; {decision.reason}" if error else decision.reason
         record = AttemptRecord(
             attempted_at=attempted_at,
@@ -226,27 +211,28 @@ class WebhookSender:
             next_attempt_at=next_at,
         )
         metrics.webhook_attempt(outcome, result.status_code)
-        if outcome != "delivered":
+        if outcome != DeliveryStatus.DELIVERED:
             log.info("webhook %s (task %s) attempt %d: %s", delivery.id, delivery.task_id, number, error)
         await self._record(delivery, record)
 
     async def _record(self, delivery: DeliveryRow, record: AttemptRecord) -> None:
-        delay = 0.2
-        for _ in range(6):
-            try:
-                if not await self.store.record_attempt(delivery.id, self.worker_id, record):
-                    log.warning(
-                        "webhook %s: lock lost during the attempt (another sender has it)", delivery.id
-                    )
-                return
-            except StorageUnavailable as exc:
-                log.warning("webhook %s: cannot record the attempt (%s); retrying", delivery.id, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        log.error(
-            "webhook %s: attempt not recorded; the delivery will be retried after its lock expires",
-            delivery.id,
-        )
+        def retry(exc: StorageUnavailable, _attempt: int) -> None:
+            log.warning("webhook %s: cannot record the attempt (%s); retrying", delivery.id, exc)
+
+        try:
+            held = await retrying(
+                lambda: self.outbox.record_attempt(delivery.id, self.worker_id, record),
+                attempts=6,
+                on_retry=retry,
+            )
+        except StorageUnavailable:
+            log.error(
+                "webhook %s: attempt not recorded; the delivery will be retried after its lock expires",
+                delivery.id,
+            )
+            return
+        if not held:
+            log.warning("webhook %s: lock lost during the attempt (another sender has it)", delivery.id)
 
     async def send(self, delivery: DeliveryRow, secrets: list[str]) -> SendResult:
         """One signed POST of the delivery's exact payload, under one overall deadline."""

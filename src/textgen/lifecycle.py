@@ -1,0 +1,193 @@
+"""One generation under a lease, whatever its mode.
+
+Sync, queued and streamed generations all run here: the task is leased to this process, a heartbeat keeps
+the lease, the upstream is timed, whatever the provider raises becomes an ``Outcome``, and the outcome is
+settled exactly once (the lease makes a second settlement impossible). ``Lifecycle.run`` drives a whole
+generation (sync and queued); a stream drives its own ``Lease`` chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from textgen import metrics
+from textgen.catalog import ModelSpec, Pricing
+from textgen.errors import StorageUnavailable, TextgenError
+from textgen.notify import Wakeups
+from textgen.protocol import GenerationInput
+from textgen.providers import Generation, ProviderRegistry
+from textgen.states import TaskMode, TaskStatus
+from textgen.storage.queue import TaskQueue
+from textgen.storage.retrying import retrying
+from textgen.storage.rows import Outcome, TaskRow
+from textgen.timing import add_upstream
+
+log = logging.getLogger("textgen.lifecycle")
+
+INTERRUPTED_STREAM = "interrupted: the server stopped while this task was streaming"
+LEASE_LOST = "lease lost"
+
+
+def generation_input(task: TaskRow) -> GenerationInput:
+    return GenerationInput.model_validate({**task.request, "model_name": task.model_name}, strict=False)
+
+
+async def hold_lease(
+    queue: TaskQueue,
+    task_id: str,
+    worker_id: str,
+    lease_seconds: float,
+    on_lost: Callable[[], object] | None = None,
+) -> None:
+    """Renew a task's lease until cancelled; ``on_lost`` runs if another worker has taken the task over."""
+    interval = max(lease_seconds / 3, 0.05)
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            held = await queue.renew_lease(task_id, worker_id, lease_seconds)
+        except StorageUnavailable as exc:
+            log.warning("task %s: lease renewal failed (%s); will retry", task_id, exc)
+            continue
+        if not held:
+            log.warning("task %s: lease lost; abandoning generation", task_id)
+            if on_lost is not None:
+                on_lost()
+            return
+
+
+class Lease:
+    """A generation in progress under this process's lease: its heartbeat, its timing, its settlement."""
+
+    def __init__(
+        self, lifecycle: Lifecycle, task: TaskRow, spec: ModelSpec, on_lost: Callable[[], object] | None
+    ) -> None:
+        self.task = task
+        self._lifecycle = lifecycle
+        self._watch = metrics.generation_started(spec.name, spec.provider)
+        self._heartbeat = asyncio.ensure_future(
+            hold_lease(lifecycle.queue, task.id, lifecycle.worker_id, lifecycle.lease_seconds, on_lost)
+        )
+        self.settled = False
+
+    @property
+    def lost(self) -> bool:
+        """Whether another worker has taken the task over."""
+        return self._heartbeat.done() and not self._heartbeat.cancelled()
+
+    def first_chunk(self) -> None:
+        self._watch.first_chunk()
+
+    def elapsed(self) -> float:
+        return self._watch.elapsed()
+
+    def stop(self) -> float:
+        """Stop the heartbeat and the clock (idempotent); the generation's time so far, in seconds."""
+        self._heartbeat.cancel()
+        return self._watch.done()
+
+    async def settle(self, outcome: Outcome) -> TaskRow | None:
+        """Record ``outcome`` and settle credits; None when the lease was lost (nothing changes then)."""
+        self.settled = True
+        self.stop()
+        return await self._lifecycle.finish(self.task, outcome)
+
+
+class Lifecycle:
+    def __init__(
+        self,
+        queue: TaskQueue,
+        registry: ProviderRegistry,
+        pricing: Pricing,
+        wakeups: Wakeups,
+        *,
+        worker_id: str,
+        lease_seconds: float,
+    ) -> None:
+        self.queue = queue
+        self.registry = registry
+        self.pricing = pricing
+        self.wakeups = wakeups
+        self.worker_id = worker_id
+        self.lease_seconds = lease_seconds
+
+    def lease(self, task: TaskRow, spec: ModelSpec, on_lost: Callable[[], object] | None = None) -> Lease:
+        """Start holding ``task`` (created or claimed leased to this process)."""
+        return Lease(self, task, spec, on_lost)
+
+    async def run(self, task: TaskRow) -> TaskRow | None:
+        """Generate a sync or claimed task, then settle it; None when the lease was lost meanwhile."""
+        if task.mode == TaskMode.STREAM:
+            # The client of a stream is gone once its server stopped; nobody would read a rerun.
+            return await self.finish(task, Outcome.failed(INTERRUPTED_STREAM))
+        try:
+            request = generation_input(task)
+            spec, provider = self.registry.resolve(task.model_name)
+        except TextgenError as exc:
+            return await self.finish(task, Outcome.failed(exc.message))
+        except ValueError as exc:
+            return await self.finish(task, Outcome.failed(f"stored request is invalid: {exc}"))
+        generation = asyncio.ensure_future(provider.generate(spec, request, account=str(task.account_id)))
+        lease = self.lease(task, spec, on_lost=generation.cancel)
+        try:
+            outcome = self.outcome(task.model_name, await generation)
+        except asyncio.CancelledError:
+            if not lease.lost:
+                raise  # cancelled from outside (shutdown, a sync timeout): the caller settles
+            outcome = Outcome.failed(LEASE_LOST)
+        except Exception as exc:
+            outcome = self.failure(task, exc)
+        finally:
+            add_upstream(lease.stop())
+            if not generation.done():
+                generation.cancel()
+        return await lease.settle(outcome)
+
+    def failure(self, task: TaskRow, exc: BaseException) -> Outcome:
+        """The outcome of a generation that raised ``exc``."""
+        if isinstance(exc, TextgenError):
+            return Outcome.failed(exc.message)
+        log.error("task %s: generation failed", task.id, exc_info=exc)
+        return Outcome.failed(f"internal error while generating (task {task.id}, see server log)")
+
+    def outcome(self, model_name: str, result: Generation, status: TaskStatus = TaskStatus.DONE) -> Outcome:
+        """What a generation produced, priced by its real token counts."""
+        spec = self.registry.catalog[model_name]
+        return Outcome(
+            status=status,
+            response_text=result.text,
+            function_calls=[call.as_json() for call in result.function_calls],
+            finish_reason=result.finish_reason if status == TaskStatus.DONE else None,
+            input_tokens=result.input_tokens,
+            output_tokens=result.output_tokens,
+            cost=self.pricing.cost(spec, result.input_tokens, result.output_tokens),
+        )
+
+    async def finish(self, task: TaskRow, outcome: Outcome) -> TaskRow | None:
+        """Record an outcome, retrying through short database outages; the lease makes it exactly-once."""
+
+        def retry(exc: StorageUnavailable, attempt: int) -> None:
+            log.warning("task %s: could not record outcome (%s), attempt %d", task.id, exc, attempt)
+
+        try:
+            finished = await retrying(
+                lambda: self.queue.finish(
+                    task, self.worker_id, outcome, notify_delivery=self.wakeups.notify_deliveries
+                ),
+                attempts=8,
+                on_retry=retry,
+            )
+        except StorageUnavailable:
+            log.error("task %s: outcome not recorded; its lease will expire and it will be retried", task.id)
+            return None
+        if finished is not None and finished.webhook_url:
+            self.wakeups.delivery_queued()
+        return metrics.task_finished(finished)
+
+    async def release(self, task_id: str) -> None:
+        """Give a task this process holds back to the queue (shutdown)."""
+        with contextlib.suppress(StorageUnavailable):
+            if await self.queue.release(task_id, self.worker_id, notify=self.wakeups.notify_tasks):
+                self.wakeups.task_queued()

@@ -1,0 +1,170 @@
+"""The webhook outbox: deliveries queued with the task's outcome, claimed by senders, and their attempts."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from textgen.notify import DELIVERIES_CHANNEL
+from textgen.states import DeliveryStatus
+from textgen.storage.database import Database
+from textgen.storage.rows import (
+    AttemptRecord,
+    AttemptRow,
+    DeliveryHistory,
+    DeliveryRow,
+    attempt_row,
+    delivery_row,
+    utcnow,
+)
+from textgen.storage.tables import webhook_attempts, webhook_deliveries
+
+_d = webhook_deliveries
+_INSERT_DELIVERY = _d.insert()
+
+
+def new_delivery_id() -> str:
+    return f"msg_{uuid.uuid4().hex}"
+
+
+def insert_delivery(
+    conn: Connection, *, delivery_id: str, task_id: str, account_id: int, url: str, payload: str
+) -> None:
+    """Queue one delivery, due now (inside the caller's transaction)."""
+    now = utcnow()
+    conn.execute(
+        _INSERT_DELIVERY,
+        {
+            "id": delivery_id,
+            "task_id": task_id,
+            "account_id": account_id,
+            "url": url,
+            "payload": payload,
+            "status": DeliveryStatus.PENDING,
+            "attempt_count": 0,
+            "next_attempt_at": now,
+            "created_at": now,
+            "updated_at": now,
+        },
+    )
+
+
+class Outbox:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def queue(self, *, task_id: str, account_id: int, url: str, payload: str, notify: bool) -> str:
+        """Queue a new delivery of a finished task's payload; ``notify`` wakes other processes' senders."""
+        delivery = new_delivery_id()
+
+        def work(conn: Connection) -> None:
+            insert_delivery(
+                conn, delivery_id=delivery, task_id=task_id, account_id=account_id, url=url, payload=payload
+            )
+            if notify:
+                self.db.notify(conn, DELIVERIES_CHANNEL)
+
+        await self.db.run(work)
+        return delivery
+
+    async def history(self, task_id: str) -> list[DeliveryHistory]:
+        """A task's deliveries, oldest first, each with its attempts."""
+
+        def work(conn: Connection) -> list[DeliveryHistory]:
+            deliveries = [
+                delivery_row(r)
+                for r in conn.execute(
+                    sa.select(_d).where(_d.c.task_id == task_id).order_by(_d.c.created_at)
+                ).all()
+            ]
+            attempts = [
+                attempt_row(r)
+                for r in conn.execute(
+                    sa.select(webhook_attempts)
+                    .where(webhook_attempts.c.delivery_id.in_([d.id for d in deliveries]))
+                    .order_by(webhook_attempts.c.id)
+                ).all()
+            ]
+            by_delivery: dict[str, list[AttemptRow]] = {d.id: [] for d in deliveries}
+            for each in attempts:
+                by_delivery[each.delivery_id].append(each)
+            return [DeliveryHistory(delivery=d, attempts=by_delivery[d.id]) for d in deliveries]
+
+        return await self.db.run(work)
+
+    async def claim(self, worker_id: str, lease_seconds: float, limit: int) -> list[DeliveryRow]:
+        """Lock up to ``limit`` due pending deliveries for ``worker_id``; a lock expires after the lease.
+
+        Only unlocked (or expired) rows are taken, so at most one attempt per delivery is in flight.
+        """
+        now = utcnow()
+        due = sa.and_(
+            _d.c.status == DeliveryStatus.PENDING,
+            _d.c.next_attempt_at <= now,
+            sa.or_(_d.c.locked_until.is_(None), _d.c.locked_until < now),
+        )
+        candidates = sa.select(_d.c.id).where(due).order_by(_d.c.next_attempt_at, _d.c.id).limit(limit)
+        if self.db.is_postgres:
+            candidates = candidates.with_for_update(skip_locked=True)
+        statement = (
+            _d.update()
+            .where(_d.c.id.in_(candidates), due)
+            .values(locked_by=worker_id, locked_until=now + dt.timedelta(seconds=lease_seconds))
+            .returning(*_d.c)
+        )
+        rows = await self.db.run(lambda conn: conn.execute(statement).all())
+        claimed = [delivery_row(r) for r in rows]
+        return sorted(claimed, key=lambda r: (r.next_attempt_at or now, r.id))
+
+    async def record_attempt(self, delivery_id: str, worker_id: str, attempt: AttemptRecord) -> bool:
+        """Log an attempt and move the delivery on (next try, delivered or failed), releasing its lock.
+
+        The attempt is always logged; the delivery itself changes only while ``worker_id`` holds its lock
+        (False otherwise: the lock expired and another sender took the delivery over).
+        """
+
+        def work(conn: Connection) -> bool:
+            conn.execute(
+                webhook_attempts.insert().values(
+                    delivery_id=delivery_id,
+                    attempted_at=attempt.attempted_at,
+                    status_code=attempt.status_code,
+                    error=attempt.error,
+                    duration_ms=attempt.duration_ms,
+                    next_attempt_at=attempt.next_attempt_at,
+                )
+            )
+            result = conn.execute(
+                _d.update()
+                .where(
+                    _d.c.id == delivery_id,
+                    _d.c.status == DeliveryStatus.PENDING,
+                    _d.c.locked_by == worker_id,
+                )
+                .values(
+                    status=attempt.outcome,
+                    attempt_count=_d.c.attempt_count + 1,
+                    next_attempt_at=attempt.next_attempt_at,
+                    locked_by=None,
+                    locked_until=None,
+                    updated_at=utcnow(),
+                )
+            )
+            return bool(result.rowcount)
+
+        return await self.db.run(work)
+
+    async def release(self, worker_id: str, ids: list[str] | None = None) -> int:
+        """Unlock the deliveries ``worker_id`` holds (all, or those in ``ids``) so another sender can retry them
+        at once (shutdown)."""
+        statement = (
+            _d.update()
+            .where(_d.c.locked_by == worker_id, _d.c.status == DeliveryStatus.PENDING)
+            .values(locked_by=None, locked_until=None)
+        )
+        if ids is not None:
+            statement = statement.where(_d.c.id.in_(ids))
+        return await self.db.run(lambda conn: int(conn.execute(statement).rowcount))
