@@ -23,7 +23,7 @@ from tests.test_admin import BEARER, TASK, TOKEN, admin_settings, db_url  # noqa
 from textgen.catalog import ModelSpec
 from textgen.errors import UpstreamError
 from textgen.protocol import GenerationInput
-from textgen.providers.base import Generation
+from textgen.providers.base import Generation, Progress
 
 T = TypeVar("T")
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -32,10 +32,12 @@ CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 class FailsOnRequest(FakeProvider):
     """Echoes, except that a message saying "fail" fails with a reason."""
 
-    async def generate(self, spec: ModelSpec, request: GenerationInput, *, account: str) -> Generation:
+    async def generate(
+        self, spec: ModelSpec, request: GenerationInput, *, account: str, progress: Progress | None = None
+    ) -> Generation:
         if request.messages[-1].text() == "fail":
             raise UpstreamError("the upstream refused: quota exhausted")
-        return await super().generate(spec, request, account=account)
+        return await super().generate(spec, request, account=account, progress=progress)
 
 
 @pytest.fixture

@@ -300,3 +300,19 @@ async def test_local_stream_under_auto_calls_or_streams_text(tmp_path: Path) -> 
         text_chunks = [chunk_text(d) for _, d in events if chunk_text(d)]
         assert len(text_chunks) >= 2  # streamed as generated, not held back
         assert not any("functionCall" in str(d) for _, d in events)
+
+
+async def test_the_task_id_comes_with_the_first_byte(settings: Settings) -> None:
+    async with run_server(settings, {"fake": FakeProvider()}) as server:
+        account = await server.account()
+        async with (
+            server.client(account) as client,
+            client.stream("POST", STREAM, json=fake_body()) as response,
+        ):
+            task_id = response.headers["x-textgen-task-id"]
+            lines = response.aiter_lines()
+            assert await lines.__anext__() == f": task {task_id}"  # a comment: Gemini-native parsers skip it
+            rest = [line async for line in lines]
+        last = json.loads(next(line for line in reversed(rest) if line.startswith("data:"))[5:])
+        assert last["creatify"]["id"] == task_id
+        assert (await server.wait_for(account, task_id))["status"] == "done"

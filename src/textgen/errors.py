@@ -45,6 +45,14 @@ class MethodNotAllowed(TextgenError):
     status_code = 405
 
 
+class Conflict(TextgenError):
+    status_code = 409
+
+
+class UnprocessableEntity(TextgenError):
+    status_code = 422
+
+
 class PayloadTooLarge(TextgenError):
     status_code = 413
 

@@ -19,7 +19,8 @@ from textgen.errors import StorageUnavailable, TextgenError
 from textgen.notify import Wakeups
 from textgen.protocol import GenerationInput
 from textgen.providers import Generation, ProviderRegistry
-from textgen.states import TaskMode, TaskStatus
+from textgen.providers.base import Progress
+from textgen.states import CANCELLED_REASON, TaskMode, TaskStatus
 from textgen.storage.queue import TaskQueue
 from textgen.storage.retrying import retrying
 from textgen.storage.rows import Outcome, TaskRow
@@ -41,8 +42,10 @@ async def hold_lease(
     worker_id: str,
     lease_seconds: float,
     on_lost: Callable[[], object] | None = None,
+    on_cancel: Callable[[], object] | None = None,
 ) -> None:
-    """Renew a task's lease until cancelled; ``on_lost`` runs if another worker has taken the task over."""
+    """Renew a task's lease until cancelled; ``on_lost`` runs if another worker has taken the task over,
+    ``on_cancel`` if someone asked to cancel the task (a fallback: the cancel channel is faster)."""
     interval = max(lease_seconds / 3, 0.05)
     while True:
         await asyncio.sleep(interval)
@@ -51,6 +54,8 @@ async def hold_lease(
         except StorageUnavailable as exc:
             log.warning("task %s: lease renewal failed (%s); will retry", task_id, exc)
             continue
+        if held.cancel_requested and on_cancel is not None:
+            on_cancel()
         if not held:
             log.warning("task %s: lease lost; abandoning generation", task_id)
             if on_lost is not None:
@@ -68,9 +73,28 @@ class Lease:
         self._lifecycle = lifecycle
         self._watch = metrics.generation_started(spec.name, spec.provider)
         self._heartbeat = asyncio.ensure_future(
-            hold_lease(lifecycle.queue, task.id, lifecycle.worker_id, lifecycle.lease_seconds, on_lost)
+            hold_lease(
+                lifecycle.queue,
+                task.id,
+                lifecycle.worker_id,
+                lifecycle.lease_seconds,
+                on_lost,
+                self.request_cancel,
+            )
         )
         self.settled = False
+        self.cancel_requested = False
+        # How to stop this generation when it is cancelled (set by whoever drives it).
+        self.on_cancel: Callable[[], object] | None = None
+        lifecycle.running[task.id] = self
+
+    def request_cancel(self) -> None:
+        """Someone cancelled the task: stop the generation (once); its driver settles it as cancelled."""
+        if self.cancel_requested or self.settled:
+            return
+        self.cancel_requested = True
+        if self.on_cancel is not None:
+            self.on_cancel()
 
     @property
     def lost(self) -> bool:
@@ -86,6 +110,8 @@ class Lease:
     def stop(self) -> float:
         """Stop the heartbeat and the clock (idempotent); the generation's time so far, in seconds."""
         self._heartbeat.cancel()
+        if self._lifecycle.running.get(self.task.id) is self:
+            del self._lifecycle.running[self.task.id]
         return self._watch.done()
 
     async def settle(self, outcome: Outcome) -> TaskRow | None:
@@ -112,6 +138,21 @@ class Lifecycle:
         self.wakeups = wakeups
         self.worker_id = worker_id
         self.lease_seconds = lease_seconds
+        self.running: dict[str, Lease] = {}  # the generations this process runs, by task id
+
+    def cancel_local(self, task_id: str) -> bool:
+        """Stop ``task_id`` if this process runs it (a cancel request, from here or from another process)."""
+        lease = self.running.get(task_id)
+        if lease is None:
+            return False
+        lease.request_cancel()
+        return True
+
+    def stopped(self, task: TaskRow, produced: Generation, reason: str) -> Outcome:
+        """The outcome of a generation stopped before its end: failed, charged for what it produced."""
+        outcome = self.outcome(task.model_name, produced, status=TaskStatus.FAILED)
+        outcome.failed_reason = reason
+        return outcome
 
     def lease(self, task: TaskRow, spec: ModelSpec, on_lost: Callable[[], object] | None = None) -> Lease:
         """Start holding ``task`` (created or claimed leased to this process)."""
@@ -129,14 +170,23 @@ class Lifecycle:
             return await self.finish(task, Outcome.failed(exc.message))
         except ValueError as exc:
             return await self.finish(task, Outcome.failed(f"stored request is invalid: {exc}"))
-        generation = asyncio.ensure_future(provider.generate(spec, request, account=str(task.account_id)))
+        progress = Progress()
+        generation = asyncio.ensure_future(
+            provider.generate(spec, request, account=str(task.account_id), progress=progress)
+        )
         lease = self.lease(task, spec, on_lost=generation.cancel)
+        lease.on_cancel = generation.cancel
+        if task.cancel_requested:
+            lease.request_cancel()  # asked while its last runner held it
         try:
             outcome = self.outcome(task.model_name, await generation)
         except asyncio.CancelledError:
-            if not lease.lost:
+            if lease.cancel_requested and generation.cancelled():
+                outcome = self.stopped(task, progress.generation(), CANCELLED_REASON)
+            elif lease.lost:
+                outcome = Outcome.failed(LEASE_LOST)
+            else:
                 raise  # cancelled from outside (shutdown, a sync timeout): the caller settles
-            outcome = Outcome.failed(LEASE_LOST)
         except Exception as exc:
             outcome = self.failure(task, exc)
         finally:

@@ -21,6 +21,7 @@ log = logging.getLogger("textgen.notify")
 
 TASKS_CHANNEL = "textgen_tasks"
 DELIVERIES_CHANNEL = "textgen_deliveries"
+CANCEL_CHANNEL = "textgen_cancel"  # the payload is the id of a task to stop
 APPLICATION_NAME = "textgen-listener"  # how the listener shows in pg_stat_activity
 
 Wake = Callable[[], None]
@@ -73,10 +74,17 @@ class Listener:
     """Holds one dedicated connection that LISTENs on a few channels; reconnects when it drops."""
 
     def __init__(
-        self, dsn: str, channels: Mapping[str, Sequence[Wake]], *, retry_seconds: float = 1.0
+        self,
+        dsn: str,
+        channels: Mapping[str, Sequence[Wake]],
+        *,
+        receivers: Mapping[str, Callable[[str], None]] | None = None,
+        retry_seconds: float = 1.0,
     ) -> None:
+        """``channels`` wake without a payload; each of ``receivers`` is handed its channel's payload."""
         self._dsn = dsn
         self._channels = {name: list(wakes) for name, wakes in channels.items()}
+        self._receivers = dict(receivers or {})
         self._retry_seconds = retry_seconds
         self.connected = asyncio.Event()
         self.received = 0
@@ -86,10 +94,13 @@ class Listener:
             for wake in wakes:
                 wake()
 
-    def _on_notify(self, _conn: Any, _pid: int, channel: str, _payload: str) -> None:
+    def _on_notify(self, _conn: Any, _pid: int, channel: str, payload: str) -> None:
         self.received += 1
         for wake in self._channels.get(channel, ()):
             wake()
+        receiver = self._receivers.get(channel)
+        if receiver is not None:
+            receiver(payload)
 
     async def run(self) -> None:
         """Listen until cancelled, reconnecting after a lost connection."""
@@ -107,7 +118,7 @@ class Listener:
         )
         try:
             conn.add_termination_listener(lambda _c: lost.set())
-            for channel in self._channels:
+            for channel in [*self._channels, *self._receivers]:
                 await conn.add_listener(channel, self._on_notify)
             self.connected.set()
             # Work queued while no one listened would otherwise wait for the next poll.

@@ -16,7 +16,14 @@ from textgen.accounts import AccountService, Authenticator
 from textgen.admin import AccountAdmin
 from textgen.catalog import Pricing, load_catalog
 from textgen.lifecycle import Lifecycle
-from textgen.notify import DELIVERIES_CHANNEL, TASKS_CHANNEL, Listener, Wakeups, asyncpg_dsn
+from textgen.notify import (
+    CANCEL_CHANNEL,
+    DELIVERIES_CHANNEL,
+    TASKS_CHANNEL,
+    Listener,
+    Wakeups,
+    asyncpg_dsn,
+)
 from textgen.providers import Provider, ProviderRegistry
 from textgen.ratelimit import RateLimiter
 from textgen.settings import Settings
@@ -153,8 +160,15 @@ class Services:
             TASKS_CHANNEL: [self.wakeups.task_queued],
             DELIVERIES_CHANNEL: [self.wakeups.delivery_queued],
         }
-        self.listener = Listener(asyncpg_dsn(self.settings.database_url), channels)
+        self.listener = Listener(
+            asyncpg_dsn(self.settings.database_url),
+            channels,
+            receivers={CANCEL_CHANNEL: self._cancel_requested},
+        )
         self.background.append(asyncio.create_task(self.listener.run(), name="textgen-listener"))
+
+    def _cancel_requested(self, task_id: str) -> None:
+        self.lifecycle.cancel_local(task_id)
 
     def start_webhooks(self) -> None:
         """Run the webhook sender in this process (``textgen serve`` and ``textgen worker``)."""

@@ -30,4 +30,14 @@ class DeliveryStatus(StrEnum):
     FAILED = "failed"
 
 
+class Cancellation(StrEnum):
+    """What a request to cancel a task did."""
+
+    CANCELLED = "cancelled"  # nobody was running it: it has ended
+    REQUESTED = "requested"  # a process runs it and has been asked to stop
+    FINISHED = "finished"  # it had already finished: nothing changed
+
+
+CANCELLED_REASON = "cancelled"
+
 TERMINAL = (TaskStatus.DONE, TaskStatus.FAILED)

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from textgen.catalog import from_micro
-from textgen.errors import TextgenError, UpstreamError
+from textgen.errors import Conflict, TextgenError, UpstreamError
 from textgen.lifecycle import Lease, Lifecycle
 from textgen.protocol import StreamRequest
 from textgen.providers import FunctionCall, Generation, StreamChunk
-from textgen.states import TaskMode, TaskStatus
+from textgen.states import CANCELLED_REASON, TaskMode
 from textgen.storage.rows import AccountRow, Outcome, TaskRow
 from textgen.tasks import TaskService
 from textgen.timing import add_upstream
@@ -99,6 +99,9 @@ class Streams:
         task, admission = await self.tasks.open_task(account, request, TaskMode.STREAM)
         # Held from the start: a slow first chunk must not let another worker take the task over.
         lease = self.lifecycle.lease(task, admission.spec)
+        opening = asyncio.current_task()
+        if opening is not None:
+            lease.on_cancel = opening.cancel
         chunks = admission.provider.stream(admission.spec, request, account=str(account.id)).__aiter__()
         try:
             first: StreamChunk | None = await chunks.__anext__()
@@ -110,6 +113,9 @@ class Streams:
             with contextlib.suppress(Exception):
                 await chunks.aclose()  # type: ignore[attr-defined]
             if isinstance(exc, asyncio.CancelledError):
+                if lease.cancel_requested and opening is not None and opening.uncancel() == 0:
+                    await lease.settle(Outcome.failed(CANCELLED_REASON))
+                    raise Conflict(f"task {task.id} was cancelled before its first chunk") from None
                 await lease.settle(Outcome.failed(CLIENT_DISCONNECTED))
                 raise
             outcome = self.lifecycle.failure(task, exc)
@@ -118,6 +124,7 @@ class Streams:
                 raise
             raise UpstreamError(outcome.failed_reason) from exc
         add_upstream(lease.elapsed())
+        lease.on_cancel = None  # from here on the session stops it
         return StreamSession(self.lifecycle, lease, chunks, first)
 
 
@@ -139,8 +146,17 @@ class StreamSession:
         self._acc = _Accumulated()
 
     async def events(self) -> AsyncIterator[StreamEvent]:
-        """Gemini-native chunks; the last also carries ``creatify: {id, credits_used}``."""
+        """Gemini-native chunks; the last also carries ``creatify: {id, credits_used}``.
+
+        A cancel stops the relay before the next chunk: the task is settled for what was produced and the
+        stream ends with an error event saying so.
+        """
         held: StreamChunk | None = None
+        relaying = asyncio.current_task()
+        if relaying is not None:
+            self._lease.on_cancel = relaying.cancel
+            if self._lease.cancel_requested:
+                relaying.cancel()
         try:
             pending = [self._first] if self._first is not None else []
             while True:
@@ -161,6 +177,16 @@ class StreamSession:
                     held = chunk
                 else:
                     yield StreamEvent(gemini_chunk(chunk, self.task.model_name, self.task.id))
+        except asyncio.CancelledError:
+            if not (self._lease.cancel_requested and relaying is not None and relaying.uncancel() == 0):
+                raise  # the client went away (abort settles) or the server stops
+            with contextlib.suppress(Exception):
+                await self._chunks.aclose()  # type: ignore[attr-defined]
+            await self._lease.settle(
+                self._lifecycle.stopped(self.task, self._acc.generation(), CANCELLED_REASON)
+            )
+            yield self._error_event(f"task {self.task.id} was cancelled", 409)
+            return
         except Exception as exc:
             outcome = self._lifecycle.failure(self.task, exc)
             await self._lease.settle(outcome)
@@ -188,13 +214,11 @@ class StreamSession:
         )
 
     async def abort(self) -> None:
-        """The client went away: stop the generation and charge only the tokens produced so far."""
+        """The client went away (or a cancel stopped the relay): stop the generation and charge only the
+        tokens produced so far."""
         if self._lease.settled:
             return
         with contextlib.suppress(Exception):
             await self._chunks.aclose()  # type: ignore[attr-defined]
-        outcome = self._lifecycle.outcome(
-            self.task.model_name, self._acc.generation(), status=TaskStatus.FAILED
-        )
-        outcome.failed_reason = CLIENT_DISCONNECTED
-        await self._lease.settle(outcome)
+        reason = CANCELLED_REASON if self._lease.cancel_requested else CLIENT_DISCONNECTED
+        await self._lease.settle(self._lifecycle.stopped(self.task, self._acc.generation(), reason))

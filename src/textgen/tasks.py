@@ -8,19 +8,22 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
+from textgen import metrics
 from textgen.catalog import ModelSpec, Pricing
-from textgen.errors import BadRequest
+from textgen.errors import BadRequest, Conflict
 from textgen.lifecycle import Lifecycle
 from textgen.notify import Wakeups
 from textgen.protocol import GenerationInput, TextGenRequest
 from textgen.providers import Provider, ProviderRegistry
-from textgen.states import TaskMode, TaskStatus
+from textgen.states import CANCELLED_REASON, Cancellation, TaskMode, TaskStatus
 from textgen.storage.outbox import Outbox
 from textgen.storage.queue import TaskQueue
 from textgen.storage.rows import AccountRow, Cursor, DeliveryHistory, Outcome, TaskRow
 from textgen.webhooks.addresses import AddressPolicy, RefusedDestination
 
 _STORED_EXCLUDE = {"model_name", "sync", "webhook_url"}
+# How long a cancel request waits for the process running the task to stop and settle it.
+CANCEL_WAIT_SECONDS = 10.0
 
 
 def encode_cursor(task: TaskRow) -> str:
@@ -156,6 +159,31 @@ class TaskService:
         next_cursor = f"n:{encode_cursor(rows[-1])}" if has_older else None
         prev_cursor = f"p:{encode_cursor(rows[0])}" if has_newer else None
         return rows, next_cursor, prev_cursor
+
+    async def cancel(self, account: AccountRow, task_id: str) -> TaskRow:
+        """Cancel a task of ``account``. A pending one ends at once, charged nothing; a running one (in any
+        process) is stopped and charged for what it produced. Either ends failed, "cancelled", and its
+        webhook is sent as for any failure. A finished task is a Conflict and changes nothing."""
+        state, task = await self.queue.cancel(
+            task_id,
+            account.id,
+            Outcome.failed(CANCELLED_REASON),
+            notify_delivery=self.wakeups.notify_deliveries,
+        )
+        if state == Cancellation.FINISHED:
+            raise Conflict(f"task {task.id} has already finished ({task.status}); nothing was changed")
+        if state == Cancellation.CANCELLED:
+            if task.webhook_url:
+                self.wakeups.delivery_queued()
+            return metrics.task_finished(task)
+        self.lifecycle.cancel_local(task.id)  # another process hears of it on the cancel channel
+        # Its runner stops it within a token (or a chunk) and settles it; answer with the settled task.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CANCEL_WAIT_SECONDS
+        while not task.status.finished and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+            task = await self.queue.get(task.id)
+        return task
 
     async def deliveries(self, account: AccountRow, task_id: str) -> tuple[TaskRow, list[DeliveryHistory]]:
         """A task of ``account`` and its webhook deliveries."""

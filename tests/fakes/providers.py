@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from textgen.catalog import ModelSpec
 from textgen.errors import UpstreamError
 from textgen.protocol import GenerationInput
-from textgen.providers.base import Generation, StreamChunk, estimate_prompt_tokens
+from textgen.providers.base import Generation, Progress, StreamChunk, estimate_prompt_tokens
 
 FAKE_MODELS_TOML = """
 [models."fake-model"]
@@ -51,9 +51,18 @@ class FakeProvider:
     def count_input_tokens(self, spec: ModelSpec, request: GenerationInput) -> int:
         return estimate_prompt_tokens(request)
 
-    async def generate(self, spec: ModelSpec, request: GenerationInput, *, account: str) -> Generation:
+    async def generate(
+        self,
+        spec: ModelSpec,
+        request: GenerationInput,
+        *,
+        account: str,
+        progress: Progress | None = None,
+    ) -> Generation:
         self.calls.append(request)
         self.accounts.append(account)
+        if progress is not None:
+            progress.input_tokens = 7  # the prompt has been read: stopping from here on still costs it
         self.started.set()
         if self.gate is not None:
             await self.gate.wait()

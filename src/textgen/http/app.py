@@ -65,6 +65,8 @@ def create_app(
             Route("/sse/text_generator/stream/", stream_task, methods=["POST"]),
             Route("/sse/text_generator/{task_id:str}/", routes.get_task, methods=["GET"]),
             Route("/api/text_generator/{task_id:str}/", routes.get_task, methods=["GET"]),
+            Route("/sse/text_generator/{task_id:str}/cancel/", routes.cancel_task, methods=["POST"]),
+            Route("/api/text_generator/{task_id:str}/cancel/", routes.cancel_task, methods=["POST"]),
             *webhook_routes(),
             Route("/api/remaining_credits/", routes.remaining_credits, methods=["GET"]),
             Route("/api/usage/", usage, methods=["GET"]),

@@ -54,6 +54,12 @@ async def get_task(request: Request) -> Response:
     return json_response(task_json(task), 200, quota)
 
 
+async def cancel_task(request: Request) -> Response:
+    account, quota = await authorize(request)
+    task = await services(request).tasks.cancel(account, str(request.path_params["task_id"]))
+    return json_response(task_json(task), 200, quota)
+
+
 def _page_url(request: Request, params: dict[str, str]) -> str:
     base = str(request.url.replace(query=""))
     return f"{base}?{urlencode(params)}"

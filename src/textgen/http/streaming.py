@@ -13,6 +13,8 @@ from starlette.responses import Response
 from textgen.http.routes import authorize, read_body, services
 from textgen.protocol import StreamRequest
 
+TASK_ID_HEADER = "X-Textgen-Task-Id"
+
 
 async def stream_task(request: Request) -> Response:
     account, quota = await authorize(request)
@@ -22,6 +24,8 @@ async def stream_task(request: Request) -> Response:
 
     async def body() -> AsyncIterator[ServerSentEvent]:
         completed = False
+        # The task id from the first byte (a comment, which Gemini-native clients ignore) and in a header.
+        yield ServerSentEvent(comment=f"task {session.task.id}", sep="\n")
         try:
             async for event in session.events():
                 yield ServerSentEvent(
@@ -39,6 +43,11 @@ async def stream_task(request: Request) -> Response:
     return EventSourceResponse(
         body(),
         ping=svc.settings.stream_keepalive_seconds,
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **quota.headers()},
+        headers={
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+            TASK_ID_HEADER: session.task.id,
+            **quota.headers(),
+        },
         sep="\n",
     )

@@ -56,6 +56,26 @@ class StreamChunk:
     raw: dict[str, Any] | None = None
 
 
+@dataclass(slots=True)
+class Progress:
+    """What a generation has produced so far, kept up to date by providers that know it (token counts are
+    cumulative), so that a generation stopped before its end is charged for what it produced."""
+
+    text: list[str] = field(default_factory=list)
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def add(self, chunk: StreamChunk) -> None:
+        self.text.append(chunk.text)
+        self.input_tokens = max(self.input_tokens, chunk.input_tokens)
+        self.output_tokens = max(self.output_tokens, chunk.output_tokens)
+
+    def generation(self) -> Generation:
+        return Generation(
+            text="".join(self.text), input_tokens=self.input_tokens, output_tokens=self.output_tokens
+        )
+
+
 class Provider(Protocol):
     name: str
 
@@ -75,7 +95,9 @@ class Provider(Protocol):
         """An upper bound of the prompt's tokens, used to reserve credits."""
         ...
 
-    async def generate(self, spec: ModelSpec, request: GenerationInput, *, account: str) -> Generation: ...
+    async def generate(
+        self, spec: ModelSpec, request: GenerationInput, *, account: str, progress: Progress | None = None
+    ) -> Generation: ...
 
     def stream(
         self, spec: ModelSpec, request: GenerationInput, *, account: str

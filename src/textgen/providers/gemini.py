@@ -24,7 +24,7 @@ from textgen.catalog import ModelSpec
 from textgen.errors import UpstreamError
 from textgen.protocol import GenerationInput
 from textgen.providers import gemini_mapping as mapping
-from textgen.providers.base import Generation, StreamChunk
+from textgen.providers.base import Generation, Progress, StreamChunk
 from textgen.providers.gemini_retry import RetryPolicy, classify, decide, to_error
 from textgen.settings import Settings
 
@@ -64,7 +64,9 @@ class GeminiProvider:
     def count_input_tokens(self, spec: ModelSpec, request: GenerationInput) -> int:
         return mapping.estimate_input_tokens(request)
 
-    async def generate(self, spec: ModelSpec, request: GenerationInput, *, account: str) -> Generation:
+    async def generate(
+        self, spec: ModelSpec, request: GenerationInput, *, account: str, progress: Progress | None = None
+    ) -> Generation:
         client = self.client
         async with self._uploaded_media(request) as files:
             contents = mapping.build_contents(request, files)

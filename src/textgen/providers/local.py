@@ -29,6 +29,7 @@ from textgen.protocol import GenerationInput
 from textgen.providers.base import (
     FunctionCall,
     Generation,
+    Progress,
     StreamChunk,
     estimate_prompt_tokens,
 )
@@ -340,16 +341,22 @@ class LocalProvider:
             output=plan,
         )
 
-    async def generate(self, spec: ModelSpec, request: GenerationInput, *, account: str) -> Generation:
+    async def generate(
+        self, spec: ModelSpec, request: GenerationInput, *, account: str, progress: Progress | None = None
+    ) -> Generation:
         job = self.job(spec, request)
         job.account = account
-        return await self.generate_job(spec, job)
+        return await self.generate_job(spec, job, progress)
 
-    async def generate_job(self, spec: ModelSpec, job: LocalJob) -> Generation:
+    async def generate_job(
+        self, spec: ModelSpec, job: LocalJob, progress: Progress | None = None
+    ) -> Generation:
         parts: list[str] = []
         calls: list[FunctionCall] = []
         last = StreamChunk()
         async for chunk in self.stream_job(spec, job):
+            if progress is not None:
+                progress.add(chunk)
             parts.append(chunk.text)
             calls.extend(chunk.function_calls)
             last = chunk

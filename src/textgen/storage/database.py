@@ -50,10 +50,10 @@ class Database:
         with self._sqlite.begin() as conn:
             return work(conn)
 
-    def notify(self, conn: Connection, channel: str) -> None:
+    def notify(self, conn: Connection, channel: str, payload: str = "") -> None:
         """On PostgreSQL, wake the listeners of ``channel`` in every process once this transaction commits."""
         if self.is_postgres:
-            conn.execute(sa.select(sa.func.pg_notify(channel, "")))
+            conn.execute(sa.select(sa.func.pg_notify(channel, payload)))
 
     async def ping(self) -> None:
         await self.run(lambda conn: conn.execute(sa.text("SELECT 1")))

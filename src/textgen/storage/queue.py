@@ -13,12 +13,12 @@ from sqlalchemy.engine import Connection
 from textgen.catalog import from_micro
 from textgen.credits import needs_balance, settle
 from textgen.errors import AccountDisabled, InsufficientCredits, NotFound
-from textgen.notify import DELIVERIES_CHANNEL, TASKS_CHANNEL
-from textgen.states import DeliveryStatus, TaskMode, TaskStatus
+from textgen.notify import CANCEL_CHANNEL, DELIVERIES_CHANNEL, TASKS_CHANNEL
+from textgen.states import Cancellation, DeliveryStatus, TaskMode, TaskStatus
 from textgen.storage.accounts import ACCOUNT_BY_ID, INSERT_LEDGER
 from textgen.storage.database import Database
 from textgen.storage.outbox import insert_delivery, new_delivery_id
-from textgen.storage.rows import Cursor, Outcome, TaskRow, task_row, task_values, utcnow
+from textgen.storage.rows import Cursor, Outcome, Renewal, TaskRow, task_row, task_values, utcnow
 from textgen.storage.tables import accounts, tasks, webhook_deliveries
 
 # Statements of the request path, built once: constructing and cache-keying them per call costs more than
@@ -48,29 +48,53 @@ _HELD = sa.and_(
     tasks.c.status == TaskStatus.RUNNING,
     tasks.c.lease_owner == _b("worker_id"),
 )
-_RENEW = tasks.update().where(_HELD).values(lease_expires_at=_b("expires"))
+_RENEW = (
+    tasks.update().where(_HELD).values(lease_expires_at=_b("expires")).returning(tasks.c.cancel_requested)
+)
 _RELEASE = (
     tasks.update()
     .where(_HELD)
     .values(status=TaskStatus.PENDING, lease_owner=None, lease_expires_at=None, updated_at=_b("now"))
 )
-_FINISH = (
-    tasks.update()
-    .where(_HELD)
-    .values(
-        status=_b("status"),
-        response_text=_b("response_text"),
-        response_function_calls=_b("response_function_calls", type_=tasks.c.response_function_calls.type),
-        failed_reason=_b("failed_reason"),
-        finish_reason=_b("finish_reason"),
-        input_tokens=_b("input_tokens"),
-        output_tokens=_b("output_tokens"),
-        credits_used=_b("charged"),
-        lease_owner=None,
-        lease_expires_at=None,
-        updated_at=_b("now"),
+
+
+def _record_statement(condition: sa.ColumnElement[bool]) -> sa.Update:
+    """Record an outcome on the task matching ``condition``; the settlement's charge comes as ``charged``."""
+    return (
+        tasks.update()
+        .where(condition)
+        .values(
+            status=_b("status"),
+            response_text=_b("response_text"),
+            response_function_calls=_b("response_function_calls", type_=tasks.c.response_function_calls.type),
+            failed_reason=_b("failed_reason"),
+            finish_reason=_b("finish_reason"),
+            input_tokens=_b("input_tokens"),
+            output_tokens=_b("output_tokens"),
+            credits_used=_b("charged"),
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=_b("now"),
+        )
+        .returning(*tasks.c)
     )
-    .returning(*tasks.c)
+
+
+_FINISH = _record_statement(_HELD)
+# A task nobody is running (pending, or running under a lease that has expired) is cancelled at once.
+_CANCEL_NOW = _record_statement(
+    sa.and_(
+        tasks.c.id == _b("task_id"),
+        sa.or_(
+            tasks.c.status == TaskStatus.PENDING,
+            sa.and_(tasks.c.status == TaskStatus.RUNNING, tasks.c.lease_expires_at < _b("now")),
+        ),
+    )
+)
+_REQUEST_CANCEL = (
+    tasks.update()
+    .where(tasks.c.id == _b("task_id"), tasks.c.status == TaskStatus.RUNNING)
+    .values(cancel_requested=True)
 )
 _TASK_DEPTH = (
     sa.select(tasks.c.status, sa.func.count())
@@ -121,6 +145,7 @@ class TaskQueue:
         self._claim = _claim_statement(db.is_postgres)
         lock = sa.select(accounts.c.balance).where(accounts.c.id == _b("account_id"))
         self._balance = lock.with_for_update() if db.is_postgres else lock
+        self._task_for_update = _TASK_OF_ACCOUNT.with_for_update() if db.is_postgres else _TASK_OF_ACCOUNT
 
     async def create(
         self,
@@ -246,14 +271,16 @@ class TaskQueue:
         row = await self.db.run(lambda conn: conn.execute(self._claim, params).first())
         return task_row(row) if row else None
 
-    async def renew_lease(self, task_id: str, worker_id: str, lease_seconds: float) -> bool:
-        """Extend a held lease; False when the lease was lost to another worker."""
+    async def renew_lease(self, task_id: str, worker_id: str, lease_seconds: float) -> Renewal:
+        """Extend a held lease; false when the lease was lost to another worker. The renewal also says
+        whether someone asked to cancel the task."""
         params = {
             "task_id": task_id,
             "worker_id": worker_id,
             "expires": utcnow() + dt.timedelta(seconds=lease_seconds),
         }
-        return await self.db.run(lambda conn: bool(conn.execute(_RENEW, params).rowcount))
+        row = await self.db.run(lambda conn: conn.execute(_RENEW, params).first())
+        return Renewal(held=row is not None, cancel_requested=bool(row and row.cancel_requested))
 
     async def release(self, task_id: str, worker_id: str, *, notify: bool = False) -> bool:
         """Give a running task back to the queue (graceful shutdown)."""
@@ -274,60 +301,97 @@ class TaskQueue:
         Returns None (and changes nothing) when ``worker_id`` no longer holds the task's lease.
         ``notify_delivery`` wakes other processes' webhook senders when a delivery is queued.
         """
-        now = utcnow()
+        params = {"task_id": task.id, "worker_id": worker_id}
+        return await self.db.run(
+            lambda conn: self._record(conn, _FINISH, params, task, outcome, notify_delivery)
+        )
 
-        def work(conn: Connection) -> TaskRow | None:
-            balance = 0
-            if needs_balance(task.credits_reserved, outcome.cost):
-                balance = int(conn.execute(self._balance, {"account_id": task.account_id}).scalar_one())
-            settlement = settle(task.credits_reserved, outcome.cost, balance)
-            row = conn.execute(
-                _FINISH,
-                {
-                    "task_id": task.id,
-                    "worker_id": worker_id,
-                    "status": outcome.status,
-                    "response_text": outcome.response_text,
-                    "response_function_calls": outcome.function_calls,
-                    "failed_reason": outcome.failed_reason,
-                    "finish_reason": outcome.finish_reason,
-                    "input_tokens": outcome.input_tokens,
-                    "output_tokens": outcome.output_tokens,
-                    "charged": settlement.charged,
-                    "now": now,
-                },
-            ).first()
+    async def cancel(
+        self, task_id: str, account_id: int, outcome: Outcome, *, notify_delivery: bool = False
+    ) -> tuple[Cancellation, TaskRow]:
+        """Cancel a task of ``account_id``: one nobody runs ends now with ``outcome``; one that runs is asked
+        to stop (its runner settles it; on PostgreSQL every process hears of it on the cancel channel)."""
+        now = utcnow()
+        params = {"task_id": task_id, "account_id": account_id}
+
+        def work(conn: Connection) -> tuple[Cancellation, TaskRow]:
+            row = conn.execute(self._task_for_update, params).first()
             if row is None:
-                return None
-            finished = task_row(row)
-            balance_after = conn.execute(
-                _ADD, {"account_id": task.account_id, "amount": settlement.returned}
-            ).scalar_one()
-            conn.execute(
-                INSERT_LEDGER,
-                {
-                    "account_id": task.account_id,
-                    "task_id": task.id,
-                    "kind": "settle" if outcome.status == TaskStatus.DONE else "release",
-                    "amount": settlement.returned,
-                    "balance_after": balance_after,
-                    "created_at": now,
-                },
-            )
-            if finished.webhook_url:
-                insert_delivery(
-                    conn,
-                    delivery_id=new_delivery_id(),
-                    task_id=finished.id,
-                    account_id=finished.account_id,
-                    url=finished.webhook_url,
-                    payload=self.payload(finished),
-                )
-                if notify_delivery:
-                    self.db.notify(conn, DELIVERIES_CHANNEL)
-            return finished
+                raise NotFound(f"task {task_id} not found")
+            task = task_row(row)
+            if task.status.finished:
+                return Cancellation.FINISHED, task
+            if task.status == TaskStatus.PENDING or (
+                task.lease_expires_at is not None and task.lease_expires_at < now
+            ):
+                done = self._record(conn, _CANCEL_NOW, {"task_id": task_id}, task, outcome, notify_delivery)
+                assert done is not None  # the row is locked (or the one SQLite writer holds the file)
+                return Cancellation.CANCELLED, done
+            conn.execute(_REQUEST_CANCEL, {"task_id": task_id})
+            self.db.notify(conn, CANCEL_CHANNEL, task_id)
+            return Cancellation.REQUESTED, task
 
         return await self.db.run(work)
+
+    def _record(
+        self,
+        conn: Connection,
+        statement: sa.Update,
+        params: dict[str, Any],
+        task: TaskRow,
+        outcome: Outcome,
+        notify_delivery: bool,
+    ) -> TaskRow | None:
+        """Record ``outcome`` (if ``statement`` matches), settle the reservation, queue the webhook."""
+        now = utcnow()
+        balance = 0
+        if needs_balance(task.credits_reserved, outcome.cost):
+            balance = int(conn.execute(self._balance, {"account_id": task.account_id}).scalar_one())
+        settlement = settle(task.credits_reserved, outcome.cost, balance)
+        row = conn.execute(
+            statement,
+            {
+                **params,
+                "status": outcome.status,
+                "response_text": outcome.response_text,
+                "response_function_calls": outcome.function_calls,
+                "failed_reason": outcome.failed_reason,
+                "finish_reason": outcome.finish_reason,
+                "input_tokens": outcome.input_tokens,
+                "output_tokens": outcome.output_tokens,
+                "charged": settlement.charged,
+                "now": now,
+            },
+        ).first()
+        if row is None:
+            return None
+        finished = task_row(row)
+        balance_after = conn.execute(
+            _ADD, {"account_id": task.account_id, "amount": settlement.returned}
+        ).scalar_one()
+        conn.execute(
+            INSERT_LEDGER,
+            {
+                "account_id": task.account_id,
+                "task_id": task.id,
+                "kind": "settle" if outcome.status == TaskStatus.DONE else "release",
+                "amount": settlement.returned,
+                "balance_after": balance_after,
+                "created_at": now,
+            },
+        )
+        if finished.webhook_url:
+            insert_delivery(
+                conn,
+                delivery_id=new_delivery_id(),
+                task_id=finished.id,
+                account_id=finished.account_id,
+                url=finished.webhook_url,
+                payload=self.payload(finished),
+            )
+            if notify_delivery:
+                self.db.notify(conn, DELIVERIES_CHANNEL)
+        return finished
 
     async def counts(self) -> dict[str, int]:
         rows = await self.db.run(

@@ -58,6 +58,7 @@ class TaskRow:
     attempts: int
     created_at: dt.datetime
     updated_at: dt.datetime
+    cancel_requested: bool = False
 
 
 @dataclass(slots=True)
@@ -76,6 +77,17 @@ class Outcome:
     @classmethod
     def failed(cls, reason: str) -> Outcome:
         return cls(status=TaskStatus.FAILED, failed_reason=reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    """A lease renewal: true while the lease is held; ``cancel_requested`` when someone asked to stop."""
+
+    held: bool
+    cancel_requested: bool = False
+
+    def __bool__(self) -> bool:
+        return self.held
 
 
 @dataclass(frozen=True, slots=True)

@@ -93,6 +93,8 @@ tasks = sa.Table(
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),
+    # Someone asked to cancel the task while another process ran it: that process stops it.
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, server_default=sa.text("false")),
     sa.Index("ix_tasks_status_created", "status", "created_at"),
     sa.Index("ix_tasks_account_created", "account_id", "created_at", "id"),
 )
@@ -142,4 +144,20 @@ webhook_attempts = sa.Table(
     sa.Column("duration_ms", sa.Float, nullable=False),
     sa.Column("next_attempt_at", UTCDateTime, nullable=True),
     sa.Index("ix_webhook_attempts_delivery", "delivery_id", "id"),
+)
+
+# One create (or stream) per (account, Idempotency-Key) until it expires: the unique key makes it safe across
+# processes. ``task_id`` is set once the task exists, ``status_code``/``response`` once its answer is known.
+idempotency_keys = sa.Table(
+    "idempotency_keys",
+    metadata,
+    sa.Column("account_id", sa.Integer, sa.ForeignKey("accounts.id"), primary_key=True),
+    sa.Column("key", sa.String(255), primary_key=True),
+    sa.Column("request_hash", sa.String(64), nullable=False),
+    sa.Column("task_id", sa.String(36), nullable=True),
+    sa.Column("status_code", sa.Integer, nullable=True),
+    sa.Column("response", sa.Text, nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=False),
+    sa.Index("ix_idempotency_keys_expires", "expires_at"),
 )
