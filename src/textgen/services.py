@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from textgen.accounts import AccountService, Authenticator
 from textgen.admin import AccountAdmin
 from textgen.catalog import Pricing, load_catalog
+from textgen.idempotency import Idempotency
 from textgen.lifecycle import Lifecycle
 from textgen.notify import (
     CANCEL_CHANNEL,
@@ -65,6 +66,7 @@ class Services:
     lifecycle: Lifecycle
     tasks: TaskService
     streams: Streams
+    idempotency: Idempotency
     accounts: AccountService
     admin: AccountAdmin
     worker: Worker
@@ -114,6 +116,7 @@ class Services:
             lifecycle=lifecycle,
             tasks=tasks,
             streams=Streams(tasks, lifecycle),
+            idempotency=Idempotency(storage.idempotency, settings.idempotency_ttl_seconds),
             accounts=AccountService(storage.accounts),
             admin=AccountAdmin(
                 storage,

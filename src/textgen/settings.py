@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     shutdown_timeout_seconds: float = Field(
         30.0, ge=0, description="on SIGTERM, in-flight tasks get this long before they are released"
     )
+    idempotency_ttl_seconds: float = Field(
+        86400.0, gt=0, description="an Idempotency-Key answers with its first task for this long (24 h)"
+    )
     db_pool_size: int = Field(10, ge=1, description="PostgreSQL connections per process")
     db_max_overflow: int = Field(10, ge=0, description="extra PostgreSQL connections under load")
 

@@ -19,7 +19,7 @@ from textgen.errors import Conflict, TextgenError, UpstreamError
 from textgen.lifecycle import Lease, Lifecycle
 from textgen.protocol import StreamRequest
 from textgen.providers import FunctionCall, Generation, StreamChunk
-from textgen.states import CANCELLED_REASON, TaskMode
+from textgen.states import CANCELLED_REASON, TaskMode, TaskStatus
 from textgen.storage.rows import AccountRow, Outcome, TaskRow
 from textgen.tasks import TaskService
 from textgen.timing import add_upstream
@@ -94,9 +94,13 @@ class Streams:
         self.tasks = tasks
         self.lifecycle = lifecycle
 
-    async def open(self, account: AccountRow, request: StreamRequest) -> StreamSession:
+    async def open(
+        self, account: AccountRow, request: StreamRequest, idempotency_key: str | None = None
+    ) -> StreamSession:
         """Admit, reserve and start the generation; raises TextgenError before any byte is sent."""
-        task, admission = await self.tasks.open_task(account, request, TaskMode.STREAM)
+        task, admission = await self.tasks.open_task(
+            account, request, TaskMode.STREAM, idempotency_key=idempotency_key
+        )
         # Held from the start: a slow first chunk must not let another worker take the task over.
         lease = self.lifecycle.lease(task, admission.spec)
         opening = asyncio.current_task()
@@ -222,3 +226,35 @@ class StreamSession:
             await self._chunks.aclose()  # type: ignore[attr-defined]
         reason = CANCELLED_REASON if self._lease.cancel_requested else CLIENT_DISCONNECTED
         await self._lease.settle(self._lifecycle.stopped(self.task, self._acc.generation(), reason))
+
+
+def replayed_events(task: TaskRow) -> list[StreamEvent]:
+    """A finished stream told again to a repeat of its Idempotency-Key: its whole answer as one chunk."""
+    if task.status == TaskStatus.FAILED:
+        return [
+            StreamEvent(
+                {
+                    "error": {"code": 502, "message": task.failed_reason},
+                    "creatify": {"id": task.id, "credits_used": from_micro(task.credits_used)},
+                },
+                event="error",
+            )
+        ]
+    chunk = StreamChunk(
+        text=task.response_text,
+        function_calls=[
+            FunctionCall(
+                name=call["name"],
+                args=call.get("args", {}),
+                id=call.get("id"),
+                thought_signature=call.get("thought_signature"),
+            )
+            for call in task.response_function_calls
+        ],
+        input_tokens=task.input_tokens,
+        output_tokens=task.output_tokens,
+        finish_reason=task.finish_reason or "STOP",
+    )
+    data = gemini_chunk(chunk, task.model_name, task.id)
+    data["creatify"] = {"id": task.id, "credits_used": from_micro(task.credits_used)}
+    return [StreamEvent(data)]

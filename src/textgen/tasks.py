@@ -85,7 +85,12 @@ class TaskService:
         return request.model_dump(mode="json", exclude=_STORED_EXCLUDE, exclude_none=True)
 
     async def open_task(
-        self, account: AccountRow, request: GenerationInput, mode: TaskMode, webhook_url: str | None = None
+        self,
+        account: AccountRow,
+        request: GenerationInput,
+        mode: TaskMode,
+        webhook_url: str | None = None,
+        idempotency_key: str | None = None,
     ) -> tuple[TaskRow, Admission]:
         """Admit the request, reserve its worst case and create its task: queued (async), or running and
         leased to this process (sync, stream)."""
@@ -106,15 +111,18 @@ class TaskService:
             lease_owner=None if queued else self.lifecycle.worker_id,
             lease_seconds=self.lifecycle.lease_seconds,
             notify=queued and self.wakeups.notify_tasks,
+            idempotency_key=idempotency_key,
         )
         if queued:
             self.wakeups.task_queued()
         return task, admission
 
-    async def create(self, account: AccountRow, request: TextGenRequest) -> TaskRow:
+    async def create(
+        self, account: AccountRow, request: TextGenRequest, idempotency_key: str | None = None
+    ) -> TaskRow:
         """Create a task; a sync one is run here and returned finished."""
         mode = TaskMode.SYNC if request.sync else TaskMode.ASYNC
-        task, _ = await self.open_task(account, request, mode, request.webhook_url)
+        task, _ = await self.open_task(account, request, mode, request.webhook_url, idempotency_key)
         if mode == TaskMode.ASYNC:
             return task
         # Shielded: a client that hangs up does not abandon a generation it has been charged for.

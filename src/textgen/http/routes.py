@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 from urllib.parse import urlencode
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
-from textgen.errors import BadRequest, StorageUnavailable
+from textgen import idempotency
+from textgen.errors import BadRequest, StorageUnavailable, TextgenError
 from textgen.presentation import credits_json, task_json, task_page
 from textgen.protocol import ModelInfo, ModelList, TextGenRequest
 from textgen.ratelimit import Quota
@@ -42,10 +44,36 @@ async def read_body(request: Request) -> bytes:
 
 async def create_task(request: Request) -> Response:
     account, quota = await authorize(request)
+    key = idempotency.check_key(request.headers.get(idempotency.HEADER))
     body = await read_body(request)
     payload = TextGenRequest.model_validate_json(body)
-    task = await services(request).tasks.create(account, payload)
-    return json_response(task_json(task), 201, quota)
+    svc = services(request)
+    if key is None:
+        task = await svc.tasks.create(account, payload)
+        return json_response(task_json(task), 201, quota)
+    claim = await svc.idempotency.begin(account, key, "create", body)
+    if isinstance(claim, idempotency.Replay):
+        return await replay(request, account, quota, claim)
+    try:
+        task = await svc.tasks.create(account, payload, idempotency_key=key)
+    except TextgenError:
+        await svc.idempotency.release(claim)  # refused before any task existed: a retry may succeed
+        raise
+    answer = task_json(task)
+    await svc.idempotency.complete(claim, 201, json.dumps(answer, separators=(",", ":")))
+    return json_response(answer, 201, quota)
+
+
+async def replay(request: Request, account: AccountRow, quota: Quota, claim: idempotency.Replay) -> Response:
+    """The answer the first request with this Idempotency-Key got."""
+    headers = {**quota.headers(), idempotency.REPLAYED_HEADER: "true"}
+    if claim.body is not None:
+        return Response(
+            claim.body, status_code=claim.status_code, headers=headers, media_type="application/json"
+        )
+    assert claim.task_id is not None
+    task = await services(request).tasks.get(account, claim.task_id)
+    return JSONResponse(task_json(task), status_code=claim.status_code, headers=headers)
 
 
 async def get_task(request: Request) -> Response:

@@ -10,17 +10,36 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import Response
 
+from textgen import idempotency
+from textgen.errors import Conflict, TextgenError
 from textgen.http.routes import authorize, read_body, services
 from textgen.protocol import StreamRequest
+from textgen.ratelimit import Quota
+from textgen.services import Services
+from textgen.storage.rows import AccountRow
+from textgen.streaming import replayed_events
 
 TASK_ID_HEADER = "X-Textgen-Task-Id"
 
 
 async def stream_task(request: Request) -> Response:
     account, quota = await authorize(request)
-    payload = StreamRequest.model_validate_json(await read_body(request))
+    key = idempotency.check_key(request.headers.get(idempotency.HEADER))
+    raw = await read_body(request)
+    payload = StreamRequest.model_validate_json(raw)
     svc = services(request)
-    session = await svc.streams.open(account, payload)
+    if key is None:
+        session = await svc.streams.open(account, payload)
+    else:
+        claim = await svc.idempotency.begin(account, key, "stream", raw)
+        if isinstance(claim, idempotency.Replay):
+            return await _replay(svc, account, quota, claim)
+        try:
+            session = await svc.streams.open(account, payload, idempotency_key=key)
+        except TextgenError:
+            await svc.idempotency.release(claim)
+            raise
+        await svc.idempotency.complete(claim, 200, "")  # replayed from the task, once it has finished
 
     async def body() -> AsyncIterator[ServerSentEvent]:
         completed = False
@@ -51,3 +70,26 @@ async def stream_task(request: Request) -> Response:
         },
         sep="\n",
     )
+
+
+async def _replay(svc: Services, account: AccountRow, quota: Quota, claim: idempotency.Replay) -> Response:
+    """A repeat of a stream's Idempotency-Key: the finished task's answer as one chunk (409 while it runs)."""
+    assert claim.task_id is not None
+    task = await svc.tasks.get(account, claim.task_id)
+    if not task.status.finished:
+        raise Conflict(f"Idempotency-Key: its stream (task {task.id}) is still running; retry once it ends")
+
+    async def body() -> AsyncIterator[ServerSentEvent]:
+        yield ServerSentEvent(comment=f"task {task.id}", sep="\n")
+        for event in replayed_events(task):
+            yield ServerSentEvent(
+                data=json.dumps(event.data, separators=(",", ":")), event=event.event, sep="\n"
+            )
+
+    headers = {
+        "Cache-Control": "no-cache",
+        TASK_ID_HEADER: task.id,
+        idempotency.REPLAYED_HEADER: "true",
+        **quota.headers(),
+    }
+    return EventSourceResponse(body(), headers=headers, sep="\n")

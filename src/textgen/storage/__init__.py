@@ -14,6 +14,7 @@ from textgen.storage.accounts import AccountStore
 from textgen.storage.admin import AdminStore
 from textgen.storage.database import Database
 from textgen.storage.engine import create_engine
+from textgen.storage.idempotency import IdempotencyStore
 from textgen.storage.outbox import Outbox
 from textgen.storage.queue import TaskQueue
 from textgen.storage.rows import TaskRow
@@ -26,6 +27,7 @@ class Storage:
     tasks: TaskQueue
     outbox: Outbox
     admin: AdminStore
+    idempotency: IdempotencyStore
 
     @classmethod
     def open(cls, settings: Settings, payload: Callable[[TaskRow], str] | None = None) -> Storage:
@@ -41,6 +43,7 @@ class Storage:
             tasks=TaskQueue(db, payload),
             outbox=Outbox(db),
             admin=AdminStore(db),
+            idempotency=IdempotencyStore(db),
         )
 
     async def aclose(self) -> None:

@@ -17,6 +17,7 @@ from textgen.notify import CANCEL_CHANNEL, DELIVERIES_CHANNEL, TASKS_CHANNEL
 from textgen.states import Cancellation, DeliveryStatus, TaskMode, TaskStatus
 from textgen.storage.accounts import ACCOUNT_BY_ID, INSERT_LEDGER
 from textgen.storage.database import Database
+from textgen.storage.idempotency import attach_task
 from textgen.storage.outbox import insert_delivery, new_delivery_id
 from textgen.storage.rows import Cursor, Outcome, Renewal, TaskRow, task_row, task_values, utcnow
 from textgen.storage.tables import accounts, tasks, webhook_deliveries
@@ -159,6 +160,7 @@ class TaskQueue:
         lease_owner: str | None = None,
         lease_seconds: float = 0.0,
         notify: bool = False,
+        idempotency_key: str | None = None,
     ) -> TaskRow:
         """Reserve ``reserve`` micro-credits and insert the task, atomically; 402 if the balance is short.
 
@@ -210,6 +212,8 @@ class TaskQueue:
                     "created_at": now,
                 },
             )
+            if idempotency_key is not None:
+                attach_task(conn, account_id, idempotency_key, task.id)
             if notify:
                 self.db.notify(conn, TASKS_CHANNEL)
 
