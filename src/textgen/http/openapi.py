@@ -60,7 +60,10 @@ def _errors(*codes: int) -> dict[str, Any]:
         401: "Missing or invalid API credentials.",
         402: "Not enough credits.",
         404: "No such task for this account.",
+        409: "Conflict: the task has already finished, or a request with this Idempotency-Key is still "
+        "being processed.",
         413: "Request body too large.",
+        422: "This Idempotency-Key was already used with a different request body.",
         429: "Rate limit exceeded; see Retry-After.",
         502: "The model provider failed before the first chunk.",
         503: "Temporarily unavailable; see Retry-After.",
@@ -87,6 +90,37 @@ def build_openapi() -> dict[str, Any]:
             **_errors(401, 404, 429, 503),
         },
     }
+    idempotency_key = {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "description": "1 to 255 characters. The same key and body from the same account within 24 h "
+        "(TEXTGEN_IDEMPOTENCY_TTL_SECONDS) answer with the first request's status and body, plus "
+        "`Idempotency-Replayed: true`, and reserve nothing more; another body is a 422; a repeat that "
+        "arrives while the first is still being admitted gets a 409 after waiting a few seconds.",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    }
+    replayed = {
+        "Idempotency-Replayed": {
+            "description": "`true` when this answer is a replay of an earlier request with the same key",
+            "schema": {"type": "string", "enum": ["true"]},
+        }
+    }
+    cancel = {
+        "summary": "Cancel a pending or running task",
+        "description": "A pending task never starts and is charged nothing; a running one (async, sync or "
+        "stream, in any process) is stopped and charged for the tokens it produced. Either ends `failed` "
+        'with `failed_reason` "cancelled", and its webhook is sent as for any failure. The answer is the '
+        "task once it has stopped (a running task in another process normally within a second). A "
+        "finished task is a 409 that changes nothing.",
+        "operationId": "sse_text_generator_cancel",
+        "parameters": [task_id],
+        "security": auth,
+        "responses": {
+            "200": {"description": "The cancelled task.", "content": _ref("TextGenResponse")},
+            **_errors(401, 404, 409, 429, 503),
+        },
+    }
     paths: dict[str, Any] = {
         "/sse/text_generator/": {
             "post": {
@@ -94,14 +128,16 @@ def build_openapi() -> dict[str, Any]:
                 "description": "Sync (`sync: true`) returns the finished task; async (default) returns it "
                 "`pending` at once.",
                 "operationId": "sse_text_generator_create",
+                "parameters": [idempotency_key],
                 "requestBody": {"required": True, "content": _ref("TextGenRequest")},
                 "security": auth,
                 "responses": {
                     "201": {
                         "description": "Text generation result or pending task.",
                         "content": _ref("TextGenResponse"),
+                        "headers": replayed,
                     },
-                    **_errors(400, 401, 402, 413, 429, 503),
+                    **_errors(400, 401, 402, 409, 413, 422, 429, 503),
                 },
             },
             "get": {
@@ -131,19 +167,33 @@ def build_openapi() -> dict[str, Any]:
             "post": {
                 "summary": "Create a text generation task and stream it (Server-Sent Events)",
                 "operationId": "sse_text_generator_stream",
+                "description": "The task id comes with the first byte: in the `X-Textgen-Task-Id` header and "
+                "in a first SSE comment `: task <id>` (which Gemini-native clients ignore); the last chunk "
+                "also carries `creatify: {id, credits_used}`. With an `Idempotency-Key`, a repeat of a "
+                "finished stream replays its answer as one chunk (409 while the first still runs).",
+                "parameters": [idempotency_key],
                 "requestBody": {"required": True, "content": _ref("StreamRequest")},
                 "security": auth,
                 "responses": {
                     "200": {
                         "description": "A stream of Gemini-native GenerateContentResponse chunks.",
                         "content": {"text/event-stream": {"schema": _SSE_EVENT}},
+                        "headers": {
+                            "X-Textgen-Task-Id": {
+                                "description": "the id of the task this stream runs",
+                                "schema": {"type": "string"},
+                            },
+                            **replayed,
+                        },
                     },
-                    **_errors(400, 401, 402, 413, 429, 502, 503, 504),
+                    **_errors(400, 401, 402, 409, 413, 422, 429, 502, 503, 504),
                 },
             }
         },
         "/sse/text_generator/{id}/": {"get": get_task},
         "/api/text_generator/{id}/": {"get": {**get_task, "operationId": "api_text_generator_get"}},
+        "/sse/text_generator/{id}/cancel/": {"post": cancel},
+        "/api/text_generator/{id}/cancel/": {"post": {**cancel, "operationId": "api_text_generator_cancel"}},
         "/sse/text_generator/{id}/webhooks/": {
             "get": {
                 "summary": "A task's webhook deliveries and their attempts",
