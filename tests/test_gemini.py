@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import struct
@@ -655,3 +656,23 @@ async def test_no_key_means_not_configured(tmp_path: Path) -> None:
         assert ready["checks"]["providers"] == {"gemini": False}
         assert fake.generate_requests == []
         assert await balance(server, account) == 10
+
+
+async def test_cancelling_a_running_gemini_task_closes_the_upstream_call(tmp_path: Path) -> None:
+    async with fake_gemini() as (fake, url), gemini_service(tmp_path, url) as server:
+        fake.faults.append(Fault(delay=4))  # the upstream holds the call: a cancel ends it sooner
+        account = await server.account()
+        created = await create(server, account, GUIDE_BODY)
+        for _ in range(600):
+            if fake.generate_requests:
+                break
+            await asyncio.sleep(0.05)
+        assert fake.generate_requests, "the call never reached the upstream"
+        async with server.client(account) as client:
+            answer = await client.post(f"/sse/text_generator/{created['id']}/cancel/")
+        task = answer.json()
+        assert answer.status_code == 200 and task["status"] == "failed", task
+        assert task["failed_reason"] == "cancelled" and task["output_tokens"] == 0
+        assert len(fake.generate_requests) == 1  # closed, not retried
+        summary = await server.services.storage.accounts.ledger_summary(account.id)
+        assert summary.ledger_sum == summary.balance
