@@ -73,9 +73,9 @@ class TaskService:
         self.webhook_policy = webhook_policy  # refuses webhook URLs that reach private addresses
         self.sync_timeout = sync_timeout
 
-    def admit(self, request: GenerationInput) -> Admission:
+    async def admit(self, request: GenerationInput) -> Admission:
         """Check model and features, and price the worst case to reserve."""
-        spec, provider = self.registry.admit(request)
+        spec, provider = await self.registry.admit(request)
         input_estimate = provider.count_input_tokens(spec, request)
         max_output = request.config.max_output_tokens or spec.default_output_tokens
         return Admission(spec, provider, self.pricing.cost(spec, input_estimate, max_output))
@@ -94,7 +94,7 @@ class TaskService:
     ) -> tuple[TaskRow, Admission]:
         """Admit the request, reserve its worst case and create its task: queued (async), or running and
         leased to this process (sync, stream)."""
-        admission = self.admit(request)
+        admission = await self.admit(request)
         if webhook_url:
             try:
                 await self.webhook_policy.check_url(webhook_url)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
 from textgen.catalog import ModelSpec
 from textgen.errors import BadRequest
 from textgen.protocol import GenerationInput
@@ -16,6 +19,9 @@ class ProviderRegistry:
     def __init__(self, catalog: dict[str, ModelSpec], providers: dict[str, Provider]) -> None:
         self.catalog = catalog
         self.providers = providers
+        # Providers' own checks may be CPU-bound (the local model builds its grammars): they run here, off
+        # the event loop, on at most two threads whatever the number of requests being admitted.
+        self._checks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="textgen-check")
 
     def resolve(self, model_name: str) -> tuple[ModelSpec, Provider]:
         spec = self.catalog.get(model_name)
@@ -30,7 +36,7 @@ class ProviderRegistry:
             )
         return spec, provider
 
-    def admit(self, request: GenerationInput) -> tuple[ModelSpec, Provider]:
+    async def admit(self, request: GenerationInput) -> tuple[ModelSpec, Provider]:
         """Resolve the model and check that it can honour every feature the request uses."""
         spec, provider = self.resolve(request.model_name)
         for kind in sorted(request.media_kinds()):
@@ -46,9 +52,10 @@ class ProviderRegistry:
                 f"config.max_output_tokens: {mot} exceeds the maximum of {spec.max_output_tokens} "
                 f"for model {spec.name!r}"
             )
-        provider.check(spec, request)
+        await asyncio.get_running_loop().run_in_executor(self._checks, provider.check, spec, request)
         return spec, provider
 
     async def aclose(self) -> None:
+        self._checks.shutdown(wait=False, cancel_futures=True)
         for provider in self.providers.values():
             await provider.aclose()

@@ -88,7 +88,9 @@ class Provider(Protocol):
         ...
 
     def check(self, spec: ModelSpec, request: GenerationInput) -> None:
-        """Raise BadRequest for what this provider cannot honour, before any work starts."""
+        """Raise BadRequest for what this provider cannot honour, before any work starts.
+
+        Runs on a worker thread, so it may be CPU-bound (the local model builds its grammars here)."""
         ...
 
     def count_input_tokens(self, spec: ModelSpec, request: GenerationInput) -> int:

@@ -18,7 +18,7 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -48,6 +48,7 @@ from textgen.providers.local_output import (
     tool_choice,
 )
 from textgen.providers.local_pool import FairPool
+from textgen.structured import Budget
 
 __all__ = ["LocalJob", "LocalProvider", "bundled_model_path", "default_instances", "render_messages"]
 
@@ -294,13 +295,15 @@ class LocalProvider:
         return bool(self._engines)
 
     def check(self, spec: ModelSpec, request: GenerationInput) -> None:
-        """Build the request's grammars now, so an unusable schema is a 400 before any task exists."""
-        narrowed = tool_choice(request)
+        """Build the request's grammars now (off the event loop, within one budget), so an unusable schema
+        is a 400 before any task exists."""
+        budget = Budget()
+        narrowed = tool_choice(request, budget)
         requests = (
             [narrowed.text, *narrowed.calls.values()] if isinstance(narrowed, ToolChoice) else [narrowed]
         )
         for each in requests:
-            plan = plan_output(each)
+            plan = plan_output(each, budget)
             if plan.grammar is not None and self._engines:
                 problem = self._engines[0].grammar_error(plan.grammar)
                 if problem is not None:
@@ -312,20 +315,22 @@ class LocalProvider:
         return estimate + (400 if request.function_declarations else 0)
 
     def job(self, spec: ModelSpec, request: GenerationInput) -> LocalJob:
-        narrowed = tool_choice(request)
+        """The request as llama.cpp runs it, its grammars built (CPU-bound: call it off the event loop)."""
+        budget = Budget()
+        narrowed = tool_choice(request, budget)
         if not isinstance(narrowed, ToolChoice):
-            return self._job(spec, narrowed)
-        job = self._job(spec, narrowed.text)
+            return self._job(spec, narrowed, budget)
+        job = self._job(spec, narrowed.text, budget)
         job.choice = CallChoice(
             query=narrowed.query,
             descriptions=narrowed.descriptions,
-            calls={name: self._job(spec, each) for name, each in narrowed.calls.items()},
+            calls={name: self._job(spec, each, budget) for name, each in narrowed.calls.items()},
         )
         return job
 
-    def _job(self, spec: ModelSpec, request: GenerationInput) -> LocalJob:
+    def _job(self, spec: ModelSpec, request: GenerationInput, budget: Budget) -> LocalJob:
         cfg = request.config
-        plan = plan_output(request)
+        plan = plan_output(request, budget)
         return LocalJob(
             messages=render_messages(request),
             max_tokens=cfg.max_output_tokens or spec.default_output_tokens,
@@ -344,9 +349,12 @@ class LocalProvider:
     async def generate(
         self, spec: ModelSpec, request: GenerationInput, *, account: str, progress: Progress | None = None
     ) -> Generation:
-        job = self.job(spec, request)
+        job = await self._job_off_loop(spec, request)
         job.account = account
         return await self.generate_job(spec, job, progress)
+
+    async def _job_off_loop(self, spec: ModelSpec, request: GenerationInput) -> LocalJob:
+        return await asyncio.to_thread(self.job, spec, request)
 
     async def generate_job(
         self, spec: ModelSpec, job: LocalJob, progress: Progress | None = None
@@ -369,14 +377,16 @@ class LocalProvider:
             model_version=spec.name,
         )
 
-    def stream(
+    async def stream(
         self, spec: ModelSpec, request: GenerationInput, *, account: str
     ) -> AsyncIterator[StreamChunk]:
-        job = self.job(spec, request)
+        job = await self._job_off_loop(spec, request)
         job.account = account
-        return self.stream_job(spec, job)
+        async with contextlib.aclosing(self.stream_job(spec, job)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
-    async def stream_job(self, spec: ModelSpec, job: LocalJob) -> AsyncIterator[StreamChunk]:
+    async def stream_job(self, spec: ModelSpec, job: LocalJob) -> AsyncGenerator[StreamChunk, None]:
         """Yield text as generated; a call is held back and arrives whole in the last chunk.
 
         Closing the generator (or cancelling its consumer) stops the model before its next token and

@@ -30,7 +30,7 @@ from textgen.protocol import (
     ToolConfig,
 )
 from textgen.providers.base import FunctionCall
-from textgen.structured import CompiledSchema, Grammar, SchemaProblem, compile_schema, gbnf_literal
+from textgen.structured import Budget, CompiledSchema, Grammar, SchemaProblem, compile_schema
 
 # How past calls are written in the conversation shown to the model.
 CALL_PREFIX = "<tool_call>"
@@ -97,25 +97,26 @@ def _bad(where: str, problem: str) -> BadRequest:
     return BadRequest(f"{where}: {problem}")
 
 
-def plan_output(request: GenerationInput) -> OutputPlan:
+def plan_output(request: GenerationInput, budget: Budget | None = None) -> OutputPlan:
     """Build (and so validate) the grammar for a request; BadRequest names an unusable schema.
 
-    The request's mode must be ``ANY`` or ``NONE`` (or it has no tools): ``tool_choice`` narrows the others.
+    CPU-bound: call it off the event loop. The request's mode must be ``ANY`` or ``NONE`` (or it has no
+    tools): ``tool_choice`` narrows the others. ``budget`` is shared by every grammar of one request.
     """
     cfg = request.config
     json_mode = cfg.response_mime_type == "application/json"
     compiled: CompiledSchema | None = None
-    grammar = Grammar()
+    grammar = Grammar(budget)
     answer: str | None = None
     if json_mode:
-        if cfg.response_json_schema is not None:
-            try:
+        try:
+            if cfg.response_json_schema is not None:
                 compiled = compile_schema(cfg.response_json_schema)
                 answer = grammar.schema(compiled, "answer")
-            except SchemaProblem as exc:
-                raise _bad("config.response_json_schema", str(exc)) from None
-        else:
-            answer = f"{grammar.primitive('object')} | {grammar.primitive('array')}"
+            else:
+                answer = grammar.any_json()
+        except SchemaProblem as exc:
+            raise _bad("config.response_json_schema", str(exc)) from None
     mode = request.calling_mode
     declarations = callable_functions(request)
     if not declarations:
@@ -133,11 +134,11 @@ def plan_output(request: GenerationInput) -> OutputPlan:
             kind = params.schema.get("type", "object") if isinstance(params.schema, dict) else "object"
             if kind != "object":
                 raise SchemaProblem("the parameters of a function must be an object schema")
-            args = grammar.schema(params, f"args-{declaration.name}")
+            args = grammar.schema(params, f"args-{index[declaration.name]}")
+            name = grammar.literal("call-name", f'{{"name":{_compact(declaration.name)},"args":')
         except SchemaProblem as exc:
             raise _bad(where, str(exc)) from None
         functions[declaration.name] = params
-        name = grammar.rule("call-name", gbnf_literal(f'{{"name":{_compact(declaration.name)},"args":'))
         alternatives.append(f'{name} {args} "}}"')
     if mode is not FunctionCallingMode.ANY:
         raise ValueError(f"narrow a {mode} request with tool_choice before planning its output")
@@ -173,7 +174,7 @@ def open_question(request: GenerationInput) -> str | None:
     return last.text().strip() or None
 
 
-def tool_choice(request: GenerationInput) -> ToolChoice | GenerationInput:
+def tool_choice(request: GenerationInput, budget: Budget | None = None) -> ToolChoice | GenerationInput:
     """Narrow an ``AUTO`` / ``VALIDATED`` request: the request itself when nothing is left to choose."""
     if request.calling_mode not in (FunctionCallingMode.AUTO, FunctionCallingMode.VALIDATED):
         return request
@@ -191,7 +192,7 @@ def tool_choice(request: GenerationInput) -> ToolChoice | GenerationInput:
     if query is None:
         # Still build every branch, so an unusable parameter schema is refused the same way.
         for narrowed in choice.calls.values():
-            plan_output(narrowed)
+            plan_output(narrowed, budget)
         return text
     return choice
 
