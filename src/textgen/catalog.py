@@ -79,7 +79,12 @@ def load_catalog(extra_file: Path | None = None) -> dict[str, ModelSpec]:
     entries: dict[str, Any] = dict(tomllib.loads(text)["models"])
     if extra_file is not None:
         try:
-            entries.update(tomllib.loads(extra_file.read_text(encoding="utf-8")).get("models", {}))
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigurationError(f"TEXTGEN_MODELS_FILE {extra_file}: {exc}") from exc
+            text = extra_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigurationError(f"cannot read {extra_file} ({reason})") from exc
+        try:
+            entries.update(tomllib.loads(text).get("models", {}))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigurationError(f"{extra_file} is not valid TOML ({exc})") from exc
     return {name: _spec(name, raw) for name, raw in entries.items()}

@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import logging.config
 import os
 import shutil
 import signal
@@ -19,13 +20,28 @@ from textgen.errors import TextgenError
 from textgen.settings import Settings, load_settings
 
 
+def log_config(level: str) -> dict[str, Any]:
+    """One format for textgen's and uvicorn's lines, to stderr. Handed to uvicorn too, which applies it in
+    each ``--workers`` process (they start afresh and do not inherit this process's logging)."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+        "handlers": {
+            "stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}
+        },
+        "root": {"level": level.upper(), "handlers": ["stderr"]},
+        "loggers": {
+            "alembic": {"level": "WARNING"},
+            "uvicorn": {"level": level.upper(), "handlers": [], "propagate": True},
+            "uvicorn.error": {"handlers": [], "propagate": True},
+            "uvicorn.access": {"handlers": [], "propagate": True},
+        },
+    }
+
+
 def _logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.config.dictConfig(log_config(settings.log_level))
 
 
 async def _with_store(settings: Settings, action: Any) -> Any:
@@ -118,7 +134,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         host=host,
         port=port,
         workers=args.workers,
-        log_level=settings.log_level.lower(),
+        log_config=log_config(settings.log_level),
+        log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.shutdown_timeout_seconds),
     )
     if created is not None:
@@ -245,18 +262,35 @@ def cmd_accounts(settings: Settings, args: argparse.Namespace) -> int:
     raise AssertionError(command)
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number (1-65535), got {text!r}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="textgen", description="Self-hosted text generation API")
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the API server (with an in-process worker)")
     serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    serve.add_argument("--port", type=_port)
+    serve.add_argument("--workers", type=_positive, default=1, help="uvicorn worker processes")
     serve.add_argument("--no-migrate", action="store_true", help="do not apply migrations on start")
     worker = sub.add_parser("worker", help="run a task worker without the HTTP API")
-    worker.add_argument("--concurrency", type=int, help="tasks in flight in this process")
+    worker.add_argument("--concurrency", type=_positive, help="tasks in flight in this process")
     worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
-    worker.add_argument("--metrics-port", type=int, help="serve GET /metrics on this port")
+    worker.add_argument("--metrics-port", type=_port, help="serve GET /metrics on this port")
     worker.add_argument("--metrics-host", help="address of --metrics-port (default TEXTGEN_HOST)")
     sub.add_parser("migrate", help="apply database migrations")
     accounts = sub.add_parser("accounts", help="manage accounts")

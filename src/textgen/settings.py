@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from functools import cached_property
 from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,8 +28,10 @@ class Settings(BaseSettings):
         None, description="`redis://HOST:6379/0`: share rate limits between processes (else per process)"
     )
     host: str = Field("127.0.0.1", description="address `textgen serve` listens on")
-    port: int = Field(8000, description="port `textgen serve` listens on")
-    log_level: str = Field("info", description="debug, info, warning or error")
+    port: int = Field(8000, ge=1, le=65535, description="port `textgen serve` listens on")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="debug, info, warning or error"
+    )
 
     max_body_bytes: int = Field(
         DEFAULT_MAX_BODY_BYTES,
@@ -68,7 +72,7 @@ class Settings(BaseSettings):
     )
     local_context_tokens: int = Field(4096, ge=256, description="context window of each instance")
     local_threads: int | None = Field(
-        None, description="CPU threads per instance (default: cores / instances)"
+        None, ge=1, description="CPU threads per instance (default: cores / instances)"
     )
 
     gemini_api_key: str | None = Field(
@@ -136,6 +140,57 @@ class Settings(BaseSettings):
             raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
         return value
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_case(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("gemini_base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value
+
+    @field_validator("local_model_path")
+    @classmethod
+    def _gguf_file(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        try:
+            with value.open("rb") as file:
+                magic = file.read(4)
+        except OSError as exc:
+            raise ValueError(f"cannot read the file ({exc.strerror or exc})") from None
+        if magic != b"GGUF":
+            raise ValueError("must be a GGUF model file")
+        return value
+
+    @field_validator("models_file")
+    @classmethod
+    def _catalog_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            from textgen.catalog import load_catalog
+
+            try:
+                load_catalog(value)
+            except ConfigurationError as exc:
+                raise ValueError(exc.message) from None
+        return value
+
+    @field_validator("webhook_schedule")
+    @classmethod
+    def _schedule(cls, value: str) -> str:
+        _delays(value)
+        return value
+
     @field_validator("webhook_refused_ports")
     @classmethod
     def _port_list(cls, value: str) -> str:
@@ -152,7 +207,24 @@ class Settings(BaseSettings):
 
     @cached_property
     def webhook_delays(self) -> list[float]:
-        return [float(x) for x in self.webhook_schedule.split(",") if x.strip()]
+        return _delays(self.webhook_schedule)
+
+
+def _delays(text: str) -> list[float]:
+    delays = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        try:
+            delay = float(item)
+        except ValueError:
+            delay = math.nan
+        if not math.isfinite(delay) or delay < 0:
+            raise ValueError(f"must be comma-separated delays in seconds (numbers >= 0), got {item!r}")
+        delays.append(delay)
+    if not delays:
+        raise ValueError("must list at least one delay in seconds")
+    return delays
 
 
 def _ports(text: str) -> frozenset[int]:
@@ -166,15 +238,28 @@ def _ports(text: str) -> frozenset[int]:
     return frozenset(ports)
 
 
+# Values that may carry a password or a key: a message names the variable, never repeats its value.
+_SECRET_FIELDS = {"database_url", "redis_url", "admin_token", "gemini_api_key"}
+
+
 def load_settings(**overrides: object) -> Settings:
-    """Read the settings, failing fast with a message that names the bad variable."""
+    """Read the settings, failing fast with one line that names each bad variable and what it allows."""
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{env_name(str(e['loc'][0])) if e['loc'] else 'TEXTGEN'}: {e['msg']}" for e in exc.errors()
-        )
-        raise ConfigurationError(f"invalid configuration: {problems}") from exc
+        problems = "; ".join(_problem(e) for e in exc.errors(include_url=False))
+        raise ConfigurationError(f"invalid configuration: {problems}") from None
+
+
+def _problem(error: Any) -> str:
+    field = str(error["loc"][0]) if error["loc"] else ""
+    name = env_name(field) if field else "TEXTGEN"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    given = error.get("input")
+    shown = field and field not in _SECRET_FIELDS and isinstance(given, str | int | float)
+    if shown and "got " not in message:
+        message += f" (got {str(given)!r})"
+    return f"{name}: {message}"
 
 
 def env_name(field: str) -> str:
