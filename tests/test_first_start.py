@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import stat
 import time
 from pathlib import Path
 
@@ -88,3 +90,74 @@ def test_textgen_info_lines_show_with_several_workers(tmp_path: Path) -> None:
     text = log.read_text()
     assert len(re.findall(r" INFO textgen\.local: local model loaded", text)) == 2, text
     assert re.search(r" INFO uvicorn\.error: Started server process", text), text
+
+
+# (arguments after `accounts`, what the one line must say); "{id}" is an existing account
+BAD_ACCOUNT_COMMANDS = [
+    (("create", "x", "--credits", "-5"), "credits: must not be negative"),
+    (("create", "x", "--credits", "nan"), "credits: must be a finite number"),
+    (("create", "x", "--credits", "inf"), "credits: must be a finite number"),
+    (("create", "x", "--rate-limit", "0"), "rate_limit: must be an integer between 1 and"),
+    (("create", "x", "--rate-limit", "-1"), "rate_limit: must be an integer between 1 and"),
+    (("set-rate-limit", "tg_nobody", "5"), "no account with api_id 'tg_nobody'"),
+    (("set-rate-limit", "{id}", "-1"), "rate_limit: must be an integer between 1 and"),
+    (("set-rate-limit", "{id}", "0"), "rate_limit: must be an integer between 1 and"),
+    (("credit", "{id}", "nan"), "amount: must be a finite number"),
+    (("disable", "tg_nobody"), "no account with api_id 'tg_nobody'"),
+]
+
+
+@pytest.fixture(scope="module")
+def cli_db(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, str], str]:
+    path = tmp_path_factory.mktemp("cli") / "cli.db"
+    env = textgen_env(TEXTGEN_DATABASE_URL=f"sqlite+aiosqlite:///{path}", TEXTGEN_DEFAULT_RATE_LIMIT="60")
+    assert run_cli("migrate", env=env).returncode == 0
+    created = run_cli("accounts", "create", "kept", "--credits", "3", "--rate-limit", "9", "--json", env=env)
+    assert created.returncode == 0, created.stderr
+    return env, str(json.loads(created.stdout)["api_id"])
+
+
+@pytest.mark.parametrize(("args", "expected"), BAD_ACCOUNT_COMMANDS)
+def test_a_bad_account_command_is_one_line_and_changes_nothing(
+    cli_db: tuple[dict[str, str], str], args: tuple[str, ...], expected: str
+) -> None:
+    env, api_id = cli_db
+    done = run_cli("accounts", *(a.format(id=api_id) for a in args), env=env)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("textgen: ") and expected in lines[0], done.stderr
+    assert done.stdout == ""
+    listed = run_cli("accounts", "list", env=env).stdout.splitlines()
+    assert not [line for line in listed if line.endswith("  x")], listed
+    assert f"{api_id}  3 credits  active  kept" in listed, listed
+    shown = json.loads(run_cli("accounts", "show", api_id, "--json", env=env).stdout)
+    assert shown["rate_limit_per_minute"] == 9
+
+
+def test_set_rate_limit_changes_an_existing_account(cli_db: tuple[dict[str, str], str]) -> None:
+    env, _ = cli_db
+    created = json.loads(run_cli("accounts", "create", "other", "--json", env=env).stdout)
+    assert created["rate_limit_per_minute"] == 60
+    done = run_cli("accounts", "set-rate-limit", created["api_id"], "120", env=env)
+    assert done.returncode == 0 and done.stdout == f"{created['api_id']}: 120 requests per minute\n"
+    shown = json.loads(run_cli("accounts", "show", created["api_id"], "--json", env=env).stdout)
+    assert shown["rate_limit_per_minute"] == 120
+
+
+def test_the_sqlite_file_and_its_new_directory_are_private(tmp_path: Path) -> None:
+    path = tmp_path / "made" / "by" / "textgen" / "t.db"
+    env = textgen_env(TEXTGEN_DATABASE_URL=f"sqlite+aiosqlite:///{path}")
+    done = run_cli("migrate", env=env)
+    assert done.returncode == 0, done.stderr
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    for sidecar in path.parent.glob("t.db-*"):  # the WAL and shared-memory files follow the database file
+        assert stat.S_IMODE(sidecar.stat().st_mode) == 0o600, sidecar
+    # An existing directory is left as the operator made it; the new file in it is still private.
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    done = run_cli("migrate", env=textgen_env(TEXTGEN_DATABASE_URL=f"sqlite+aiosqlite:///{shared}/t.db"))
+    assert done.returncode == 0, done.stderr
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o755
+    assert stat.S_IMODE((shared / "t.db").stat().st_mode) == 0o600

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,21 @@ def sqlite_path(url: str) -> Path | None:
     if not database or database == ":memory:":
         return None
     return Path(database)
+
+
+def prepare_sqlite_file(path: Path) -> None:
+    """Create the database file (and its directory, when missing) readable by the owner only: it holds
+    webhook secrets. SQLite gives its -wal and -shm files the database file's mode. An existing file or
+    directory is left as the operator made it."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.parent.chmod(0o700)  # mkdir's mode is narrowed by the umask, never widened; make it exact
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        return
+    os.fchmod(fd, 0o600)
+    os.close(fd)  # an empty file is a valid, empty SQLite database
 
 
 def _sqlite_session_setup(engine: Engine) -> None:
@@ -57,7 +73,7 @@ def create_engine(settings: Settings) -> AsyncEngine:
     if settings.is_sqlite:
         path = sqlite_path(url)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            prepare_sqlite_file(path)
         # The async engine serves migrations; the store runs its transactions on sqlite_sync_engine().
         engine = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=60)
         _sqlite_session_setup(engine.sync_engine)
