@@ -54,6 +54,15 @@ async def _with_store(settings: Settings, action: Any) -> Any:
         await storage.aclose()
 
 
+def _schema(settings: Settings) -> None:
+    """Before a command other than ``serve``/``migrate`` uses the database: a SQLite file (one machine) is
+    migrated if it needs it; PostgreSQL is migrated by ``textgen migrate`` or ``serve``, so this stops with one
+    line saying so."""
+    from textgen.storage.migrate import ensure_schema
+
+    ensure_schema(settings, migrate=settings.is_sqlite)
+
+
 def _admin(settings: Settings, work: Any) -> Any:
     """Run ``work(admin)`` against the configured database: the same service the admin API calls."""
     from textgen.admin import AccountAdmin
@@ -120,11 +129,13 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
-    from textgen.storage.migrate import upgrade
+    from textgen.storage.migrate import ensure_schema, upgrade
 
     host = args.host or settings.host
     port = args.port or settings.port
-    if not args.no_migrate:
+    if args.no_migrate:
+        ensure_schema(settings, migrate=False)
+    else:
         upgrade(settings)
     _bootstrap(settings, host, port)
     created = _share_metrics(args.workers)
@@ -163,6 +174,8 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from textgen.http.metrics import MetricsServer
     from textgen.services import Services, default_providers
 
+    _schema(settings)
+
     async def main() -> None:
         worker_settings = (
             settings.model_copy(update={"worker_concurrency": args.concurrency})
@@ -200,6 +213,7 @@ def cmd_accounts(settings: Settings, args: argparse.Namespace) -> int:
     from textgen.errors import NotFound
     from textgen.presentation import account_view, key_view
 
+    _schema(settings)
     command = args.accounts_command
     if command == "create":
         credits = settings.default_credits if args.credits is None else args.credits
@@ -286,7 +300,9 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=_port)
     serve.add_argument("--workers", type=_positive, default=1, help="uvicorn worker processes")
-    serve.add_argument("--no-migrate", action="store_true", help="do not apply migrations on start")
+    serve.add_argument(
+        "--no-migrate", action="store_true", help="do not migrate on start; stop if the schema is not current"
+    )
     worker = sub.add_parser("worker", help="run a task worker without the HTTP API")
     worker.add_argument("--concurrency", type=_positive, help="tasks in flight in this process")
     worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
