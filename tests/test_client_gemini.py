@@ -42,7 +42,7 @@ async def test_function_call_round_trip_sync_and_streamed(tmp_path: Path) -> Non
             assert isinstance(end, StreamEnd) and end.function_calls == tuple(calls) and end.text == ""
             stored = await client.get(end.task_id)
             assert stored.function_calls[0].name == "get_weather"
-            # The stream relays Gemini's chunk as sent (URL-safe base64); the task keeps the standard alphabet.
+            # The stream relays Gemini's chunk as sent; the task keeps the standard alphabet. Either decodes alike.
             signature = calls[0].thought_signature
             stored_signature = stored.function_calls[0].thought_signature
             assert signature and stored_signature

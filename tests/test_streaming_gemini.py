@@ -1,4 +1,4 @@
-"""The streaming endpoint against the fake Gemini upstream, through the real google-genai SDK."""
+"""The streaming endpoint against the fake Gemini upstream, over real loopback HTTP."""
 
 from __future__ import annotations
 

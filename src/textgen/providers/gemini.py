@@ -1,8 +1,9 @@
-"""Gemini models through the official google-genai SDK (one shared async client per process).
+"""Gemini models over REST: ``generateContent`` and ``streamGenerateContent?alt=sse`` from one aiohttp session.
 
-Every request field is mapped by ``gemini_mapping``; failures are classified and retried by ``gemini_retry``.
-The SDK's own retries stay off (they ignore RetryInfo and the budget), and so do its automatic function
-calling and continuation: one request here is one generation upstream.
+Requests are built as plain dicts by ``gemini_mapping`` and answers read as plain dicts by ``gemini_wire``; failures
+are classified and retried by ``gemini_retry``. One request here is one generation upstream. The google-genai SDK
+is used only for the File API (videos too large to send inline), through a client made on first upload.
+aiohttp was chosen over httpx by measurement (``python -m bench.http_client``, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import asyncio
 import contextlib
 import functools
 import io
+import json
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import aiohttp
 import httpx2
 from google import genai
 from google.genai import types
@@ -24,6 +27,7 @@ from textgen.catalog import ModelSpec
 from textgen.errors import UpstreamError
 from textgen.protocol import GenerationInput
 from textgen.providers import gemini_mapping as mapping
+from textgen.providers import gemini_wire as wire
 from textgen.providers.base import Generation, Progress, StreamChunk
 from textgen.providers.gemini_retry import RetryPolicy, classify, decide, to_error
 from textgen.settings import Settings
@@ -31,6 +35,7 @@ from textgen.settings import Settings
 log = logging.getLogger("textgen.gemini")
 
 T = TypeVar("T")
+DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
 
 
 class GeminiProvider:
@@ -44,16 +49,18 @@ class GeminiProvider:
             initial_delay=settings.gemini_retry_initial_delay_seconds,
             max_delay=settings.gemini_retry_max_delay_seconds,
         )
-        self._client: genai.Client | None = None
-        self._http: httpx2.AsyncClient | None = None
-        # Upstream responses opened by the task starting a stream, so that closing the stream can close
-        # its HTTP response at once (the SDK's nested generators would only close it when garbage collected).
-        self._opening: dict[asyncio.Task[object], list[httpx2.Response]] = {}
+        base = (settings.gemini_base_url or DEFAULT_BASE_URL).rstrip("/")
+        self._models_url = f"{base}/{settings.gemini_api_version}/models/"
+        self._session: aiohttp.ClientSession | None = None
+        self._files: genai.Client | None = None
+        self._files_http: httpx2.AsyncClient | None = None
 
     # -- the Provider protocol ------------------------------------------------------------
 
     async def open(self) -> None:
-        """Nothing to prepare: the HTTP client is made on first use."""
+        """Open the one HTTP session every call shares (nothing to open without a key)."""
+        if self.settings.gemini_api_key and self._session is None:
+            self._session = self._new_session()
 
     def available(self) -> bool:
         return bool(self.settings.gemini_api_key)
@@ -67,112 +74,100 @@ class GeminiProvider:
     async def generate(
         self, spec: ModelSpec, request: GenerationInput, *, account: str, progress: Progress | None = None
     ) -> Generation:
-        client = self.client
+        session = self.session
+        url = f"{self._models_url}{spec.upstream_name}:generateContent"
         async with self._uploaded_media(request) as files:
-            contents = mapping.build_contents(request, files)
-            config = mapping.build_config(request)
-            response = await self._with_retries(
-                lambda: client.aio.models.generate_content(
-                    model=spec.upstream_name,
-                    contents=contents,
-                    config=config,  # type: ignore[arg-type]
-                )
-            )
-            return mapping.to_generation(response)
+            payload = _encode(mapping.build_body(request, files))
+
+            async def attempt() -> dict[str, Any]:
+                async with session.post(url, data=payload) as response:
+                    body = await response.read()
+                    if response.status != 200:
+                        raise wire.api_error(response.status, body, response.headers.get("retry-after"))
+                return wire.decode_response(body)
+
+            return wire.to_generation(await self._with_retries(attempt))
 
     async def stream(
         self, spec: ModelSpec, request: GenerationInput, *, account: str
     ) -> AsyncGenerator[StreamChunk, None]:
-        client = self.client
+        session = self.session
+        url = f"{self._models_url}{spec.upstream_name}:streamGenerateContent?alt=sse"
         async with self._uploaded_media(request) as files:
-            contents = mapping.build_contents(request, files)
-            config = mapping.build_config(request)
-
-            opened: list[httpx2.Response] = []
+            payload = _encode(mapping.build_body(request, files))
 
             async def first_chunk() -> tuple[
-                AsyncIterator[types.GenerateContentResponse], StreamChunk | None
+                aiohttp.ClientResponse, AsyncGenerator[dict[str, Any], None], StreamChunk
             ]:
-                # The SDK sends the request at the first step, so HTTP errors surface here and can be retried.
-                upstream = await client.aio.models.generate_content_stream(
-                    model=spec.upstream_name,
-                    contents=contents,
-                    config=config,  # type: ignore[arg-type]
-                )
-                task = asyncio.current_task()
-                if task is not None:
-                    self._opening[task] = opened
+                # Retried as a whole until the first event: until then an error is still an HTTP status.
+                response = await session.post(url, data=payload)
+                events = _events(response)
                 try:
-                    first = await anext(upstream)
-                except StopAsyncIteration:
-                    return upstream, None
+                    if response.status != 200:
+                        body = await response.read()
+                        raise wire.api_error(response.status, body, response.headers.get("retry-after"))
+                    first = await anext(events, None)
+                    if first is None:
+                        raise UpstreamError("Gemini ended the stream without sending anything")
+                    return response, events, wire.to_chunk(first)
                 except BaseException:
-                    await _close(upstream, opened)
+                    await _close(response, events)
                     raise
-                finally:
-                    if task is not None:
-                        self._opening.pop(task, None)
-                return upstream, mapping.to_chunk(first)
 
-            upstream, chunk = await self._with_retries(first_chunk)
+            response, events, chunk = await self._with_retries(first_chunk)
             try:
-                if chunk is None:
-                    raise UpstreamError("Gemini ended the stream without sending anything")
                 yield chunk
                 while True:
                     try:
-                        response = await anext(upstream)
+                        event = await anext(events)
                     except StopAsyncIteration:
                         return
-                    except Exception as exc:
+                    except UpstreamError:
+                        raise
+                    except Exception as exc:  # after the first chunk: never retried
                         failure = classify(exc)
                         if failure is None:
                             raise
                         raise to_error(failure) from exc
-                    yield mapping.to_chunk(response)
+                    yield wire.to_chunk(event)
             finally:
-                await _close(upstream, opened)
+                await _close(response, events)
 
     async def aclose(self) -> None:
-        client, self._client = self._client, None
-        http, self._http = self._http, None
-        if client is not None:
-            await client.aio.aclose()
-        if http is not None:
-            await http.aclose()
+        session, self._session = self._session, None
+        files, self._files = self._files, None
+        files_http, self._files_http = self._files_http, None
+        if session is not None:
+            await session.close()
+        if files is not None:
+            await files.aio.aclose()
+        if files_http is not None:
+            await files_http.aclose()
 
     # -- internals ------------------------------------------------------------
 
     @property
-    def client(self) -> genai.Client:
-        if self._client is None:
-            if not self.settings.gemini_api_key:
-                raise UpstreamError("no Gemini API key is configured (GEMINI_API_KEY)", status_code=503)
-            self._http = httpx2.AsyncClient(
-                limits=httpx2.Limits(max_connections=None, max_keepalive_connections=512),
-                event_hooks={"response": [self._on_response]},
-            )
-            self._client = genai.Client(
-                api_key=self.settings.gemini_api_key,
-                vertexai=False,
-                # Explicit, so that GOOGLE_GENAI_* variables cannot swap the client for a record/replay one.
-                debug_config=genai.client.DebugConfig(
-                    client_mode=None, replays_directory=None, replay_id=None
-                ),
-                http_options=types.HttpOptions(
-                    base_url=self.settings.gemini_base_url,
-                    api_version=self.settings.gemini_api_version,
-                    timeout=int(self.settings.gemini_timeout_seconds * 1000),
-                    httpx_async_client=self._http,
-                ),
-            )
-        return self._client
+    def session(self) -> aiohttp.ClientSession:
+        if not self.settings.gemini_api_key:
+            raise UpstreamError("no Gemini API key is configured (GEMINI_API_KEY)", status_code=503)
+        if self._session is None:  # used without open(): made on first use, in the running loop
+            self._session = self._new_session()
+        return self._session
 
-    async def _on_response(self, response: httpx2.Response) -> None:
-        task = asyncio.current_task()
-        opened = self._opening.get(task) if task is not None else None
-        if opened is not None:
-            opened.append(response)
+    def _new_session(self) -> aiohttp.ClientSession:
+        timeout = self.settings.gemini_timeout_seconds
+        return aiohttp.ClientSession(
+            # No pool limit: the callers bound concurrency; idle connections are kept for reuse.
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+            headers={
+                "x-goog-api-key": self.settings.gemini_api_key or "",
+                "content-type": "application/json",
+            },
+            # Per connection attempt and per read, as a stream may last longer than any one read.
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout),
+            auto_decompress=True,
+            trust_env=True,  # HTTPS_PROXY and NO_PROXY apply, as they did with the SDK
+        )
 
     async def _with_retries(self, attempt: Callable[[], Awaitable[T]]) -> T:
         started = time.monotonic()
@@ -198,6 +193,32 @@ class GeminiProvider:
                 )
                 await asyncio.sleep(decision.delay)
 
+    # -- the File API (google-genai) ------------------------------------------------------------
+
+    @property
+    def files_client(self) -> genai.Client:
+        if self._files is None:
+            if not self.settings.gemini_api_key:
+                raise UpstreamError("no Gemini API key is configured (GEMINI_API_KEY)", status_code=503)
+            self._files_http = httpx2.AsyncClient()
+            self._files = genai.Client(
+                api_key=self.settings.gemini_api_key,
+                vertexai=False,
+                # Explicit, so that GOOGLE_GENAI_* variables cannot swap the client for a record/replay one.
+                debug_config=genai.client.DebugConfig(
+                    client_mode=None, replays_directory=None, replay_id=None
+                ),
+                http_options=types.HttpOptions(
+                    base_url=self.settings.gemini_base_url,
+                    api_version=self.settings.gemini_api_version,
+                    timeout=int(self.settings.gemini_timeout_seconds * 1000),
+                    # Its own httpx2 client: with aiohttp installed the SDK would otherwise build an aiohttp
+                    # session of its own, by a subclass that aiohttp deprecates.
+                    httpx_async_client=self._files_http,
+                ),
+            )
+        return self._files
+
     @contextlib.asynccontextmanager
     async def _uploaded_media(
         self, request: GenerationInput
@@ -205,6 +226,9 @@ class GeminiProvider:
         """Upload the videos that do not fit inline, wait until they are processed, delete them after."""
         plan = mapping.plan_uploads(request, self.settings.gemini_inline_request_bytes)
         files: dict[tuple[int, int], mapping.FileRef] = {}
+        if not plan:
+            yield files
+            return
         names: list[str] = []
         try:
             for i, j, part in plan:
@@ -214,14 +238,14 @@ class GeminiProvider:
         finally:
             for name in names:
                 try:
-                    await asyncio.shield(self.client.aio.files.delete(name=name))
+                    await asyncio.shield(self.files_client.aio.files.delete(name=name))
                 except Exception as exc:  # a leftover file expires upstream after 48 h
                     log.warning("could not delete Gemini file %s: %s", name, exc)
 
     async def _upload(self, data: str, mime_type: str, names: list[str]) -> types.File:
         from textgen.media import decode_base64
 
-        client = self.client
+        client = self.files_client
         blob = decode_base64(data)
         uploaded = await self._with_retries(
             lambda: client.aio.files.upload(
@@ -248,13 +272,23 @@ class GeminiProvider:
         return uploaded
 
 
-async def _close(
-    upstream: AsyncIterator[types.GenerateContentResponse], opened: list[httpx2.Response]
-) -> None:
-    for response in opened:
-        with contextlib.suppress(Exception):
-            await response.aclose()
-    aclose = getattr(upstream, "aclose", None)
-    if aclose is not None:
-        with contextlib.suppress(Exception):
-            await aclose()
+def _encode(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+async def _events(response: aiohttp.ClientResponse) -> AsyncGenerator[dict[str, Any], None]:
+    """The events of an SSE body as they arrive; the raw JSON error tail, if any, raises at the end."""
+    parser = wire.SSEParser()
+    while data := await response.content.readany():
+        for event in parser.feed(data):
+            yield event
+    for event in parser.close():
+        yield event
+    parser.raise_deferred()
+
+
+async def _close(response: aiohttp.ClientResponse, events: AsyncGenerator[dict[str, Any], None]) -> None:
+    # Closing (not releasing) drops the connection at once: an abandoned stream ends upstream too.
+    response.close()
+    with contextlib.suppress(Exception):
+        await events.aclose()

@@ -1,20 +1,20 @@
-"""Translation between this API's requests and Gemini's: contents, config, tools, responses, token bounds."""
+"""This API's requests as Gemini REST requests (plain dicts, camelCase), media checks and token bounds.
+
+Responses are read by ``gemini_wire``.
+"""
 
 from __future__ import annotations
 
-import base64
 import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from google.genai import types
-
 from textgen import media
-from textgen.errors import BadRequest, UpstreamError
+from textgen.errors import BadRequest
 from textgen.protocol import GenerationInput, ImagePart, TextPart, VideoPart
-from textgen.providers.base import FunctionCall, Generation, StreamChunk, estimate_prompt_tokens
+from textgen.providers.base import estimate_prompt_tokens
 
 # Gemini's own lists; the API accepts a few synonyms that are renamed on the way.
 GEMINI_IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/webp", "image/heic", "image/heif"})
@@ -40,39 +40,6 @@ IMAGE_MAX_TOKENS_GEMINI3 = 1120  # media_resolution high, the default for images
 UNKNOWN_IMAGE_SIDE = 8192
 VIDEO_TOKENS_PER_SECOND = 300  # 263/s at default resolution (258 per frame at 1 fps, 32 audio), with margin
 VIDEO_MIN_BITS_PER_SECOND = 100_000  # bounds the duration of a video whose container is not understood
-
-OK_FINISH_REASONS = frozenset({"STOP", "MAX_TOKENS", "FINISH_REASON_UNSPECIFIED"})
-_CONTENT_POLICY = frozenset(
-    {
-        "SAFETY",
-        "RECITATION",
-        "BLOCKLIST",
-        "PROHIBITED_CONTENT",
-        "SPII",
-        "LANGUAGE",
-        "IMAGE_SAFETY",
-    }
-)
-_FINISH_EXPLAINED = {
-    "SAFETY": "the response was flagged by Gemini's safety filters",
-    "RECITATION": "the response too closely resembled existing material",
-    "BLOCKLIST": "the response contained a blocked term",
-    "PROHIBITED_CONTENT": "the response was flagged as prohibited content",
-    "SPII": "the response contained sensitive personal information",
-    "LANGUAGE": "the response language is not supported",
-    "MALFORMED_FUNCTION_CALL": "the model produced a function call that does not parse",
-    "UNEXPECTED_TOOL_CALL": "the model called a tool that is not enabled",
-    "TOO_MANY_TOOL_CALLS": "the model made too many tool calls",
-    "OTHER": "Gemini gave no reason",
-}
-_RAW_FIELDS = {
-    "candidates",
-    "prompt_feedback",
-    "usage_metadata",
-    "model_version",
-    "response_id",
-    "create_time",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,186 +107,92 @@ def plan_uploads(request: GenerationInput, inline_limit: int) -> list[tuple[int,
     return chosen
 
 
-def build_contents(request: GenerationInput, files: Mapping[tuple[int, int], FileRef]) -> list[types.Content]:
-    contents: list[types.Content] = []
+def wire_base64(data: str) -> str:
+    """Base64 as it goes on the wire: without whitespace, padded (Gemini reads both alphabets)."""
+    if " " in data or "\n" in data or "\r" in data or "\t" in data:
+        data = "".join(data.split())
+    return data + "=" * (-len(data) % 4)
+
+
+def build_contents(
+    request: GenerationInput, files: Mapping[tuple[int, int], FileRef]
+) -> list[dict[str, Any]]:
+    """``contents`` of a GenerateContentRequest, in the REST (camelCase) spelling."""
+    contents: list[dict[str, Any]] = []
     for i, message in enumerate(request.messages):
-        parts: list[types.Part] = []
+        parts: list[dict[str, Any]] = []
         if isinstance(message.content, str):
             if message.content:
-                parts.append(types.Part(text=message.content))
+                parts.append({"text": message.content})
         else:
             for j, part in enumerate(message.content):
                 if isinstance(part, TextPart):
-                    parts.append(types.Part(text=part.text))
+                    parts.append({"text": part.text})
                 elif (i, j) in files:
                     ref = files[(i, j)]
-                    parts.append(
-                        types.Part(file_data=types.FileData(file_uri=ref.uri, mime_type=ref.mime_type))
-                    )
+                    parts.append({"fileData": {"fileUri": ref.uri, "mimeType": ref.mime_type}})
                 else:
-                    blob = types.Blob(
-                        data=media.decode_base64(part.data), mime_type=gemini_mime(part.mime_type)
-                    )
-                    parts.append(types.Part(inline_data=blob))
+                    mime = gemini_mime(part.mime_type)
+                    parts.append({"inlineData": {"mimeType": mime, "data": wire_base64(part.data)}})
         call = message.function_call
         if call is not None:
-            signature = media.decode_base64(call.thought_signature) if call.thought_signature else None
-            parts.append(
-                types.Part(
-                    function_call=types.FunctionCall(name=call.name, args=call.args, id=call.id),
-                    thought_signature=signature,
-                )
-            )
+            function_call: dict[str, Any] = {"name": call.name, "args": call.args}
+            if call.id is not None:
+                function_call["id"] = call.id
+            call_part: dict[str, Any] = {"functionCall": function_call}
+            if call.thought_signature:
+                call_part["thoughtSignature"] = wire_base64(call.thought_signature)
+            parts.append(call_part)
         response = message.function_response
         if response is not None:
-            parts.append(
-                types.Part(
-                    function_response=types.FunctionResponse(
-                        name=response.name,
-                        response=response.response,
-                        id=response.id,
-                    )
-                )
-            )
-        contents.append(types.Content(role=message.role.value, parts=parts))
+            function_response: dict[str, Any] = {"name": response.name, "response": response.response}
+            if response.id is not None:
+                function_response["id"] = response.id
+            parts.append({"functionResponse": function_response})
+        contents.append({"role": message.role.value, "parts": parts})
     return contents
 
 
-def build_config(request: GenerationInput) -> types.GenerateContentConfig:
+def build_body(request: GenerationInput, files: Mapping[tuple[int, int], FileRef]) -> dict[str, Any]:
+    """The whole GenerateContentRequest (without the model, which is in the URL)."""
+    body: dict[str, Any] = {"contents": build_contents(request, files)}
+    if request.system_instruction:
+        body["systemInstruction"] = {"parts": [{"text": request.system_instruction}]}
     config = request.config
-    tools: list[Any] = [
-        types.Tool(
-            function_declarations=[
-                types.FunctionDeclaration(
-                    name=declaration.name,
-                    description=declaration.description or None,
-                    parameters_json_schema=declaration.parameters,
-                )
-                for declaration in tool.function_declarations
-            ]
-        )
-        for tool in request.tools
-    ]
-    tool_config = None
+    generation = {
+        "temperature": config.temperature,
+        "topP": config.top_p,
+        "topK": config.top_k,
+        "maxOutputTokens": config.max_output_tokens,
+        "presencePenalty": config.presence_penalty,
+        "frequencyPenalty": config.frequency_penalty,
+        "seed": config.seed,
+        "stopSequences": config.stop_sequences,
+        "responseMimeType": config.response_mime_type.value if config.response_mime_type else None,
+        "responseJsonSchema": config.response_json_schema,
+    }
+    generation = {key: value for key, value in generation.items() if value is not None}
+    if generation:
+        body["generationConfig"] = generation
+    declarations: list[dict[str, Any]] = []
+    for tool in request.tools:
+        for declaration in tool.function_declarations:
+            entry: dict[str, Any] = {"name": declaration.name}
+            if declaration.description:
+                entry["description"] = declaration.description
+            if declaration.parameters is not None:
+                entry["parametersJsonSchema"] = declaration.parameters
+            declarations.append(entry)
+    if declarations:
+        # Gemini treats every declaration alike, whichever tool holds it: one tool, in order.
+        body["tools"] = [{"functionDeclarations": declarations}]
     fcc = request.tool_config.function_calling_config if request.tool_config else None
     if fcc is not None:
-        tool_config = types.ToolConfig(
-            function_calling_config=types.FunctionCallingConfig(
-                mode=types.FunctionCallingConfigMode(fcc.mode.value),
-                allowed_function_names=fcc.allowed_function_names,
-            )
-        )
-    return types.GenerateContentConfig(
-        system_instruction=(
-            types.Content(parts=[types.Part(text=request.system_instruction)])
-            if request.system_instruction
-            else None
-        ),
-        temperature=config.temperature,
-        top_p=config.top_p,
-        top_k=config.top_k,
-        max_output_tokens=config.max_output_tokens,
-        presence_penalty=config.presence_penalty,
-        frequency_penalty=config.frequency_penalty,
-        seed=config.seed,
-        stop_sequences=config.stop_sequences,
-        response_mime_type=config.response_mime_type.value if config.response_mime_type else None,
-        response_json_schema=config.response_json_schema,
-        tools=tools or None,
-        tool_config=tool_config,
-        # This service relays one request as one upstream call; the caller runs its functions.
-        automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
-        automatic_continuation=False,
-    )
-
-
-# -- responses ------------------------------------------------------------
-
-
-def usage_tokens(usage: types.GenerateContentResponseUsageMetadata | None) -> tuple[int, int]:
-    """(input, output) tokens; thinking is billed as output."""
-    if usage is None:
-        return 0, 0
-    prompt = (usage.prompt_token_count or 0) + (usage.tool_use_prompt_token_count or 0)
-    return prompt, (usage.candidates_token_count or 0) + (usage.thoughts_token_count or 0)
-
-
-def _enum_name(value: Any) -> str:
-    return str(getattr(value, "value", value))
-
-
-def check_response(response: types.GenerateContentResponse) -> str | None:
-    """Raise UpstreamError for a blocked prompt or a failed finish; return the finish reason if any."""
-    feedback = response.prompt_feedback
-    if feedback is not None and feedback.block_reason is not None:
-        reason = _enum_name(feedback.block_reason)
-        detail = f": {feedback.block_reason_message}" if feedback.block_reason_message else ""
-        raise UpstreamError(f"Gemini blocked the prompt ({reason}){detail}", status_code=400)
-    if not response.candidates:
-        return None
-    finish = response.candidates[0].finish_reason
-    if finish is None:
-        return None
-    name = _enum_name(finish)
-    if name not in OK_FINISH_REASONS:
-        explained = _FINISH_EXPLAINED.get(name, "see Gemini's finish reasons")
-        raise UpstreamError(
-            f"Gemini stopped the response with finish reason {name}: {explained}",
-            status_code=400 if name in _CONTENT_POLICY else 502,
-        )
-    return name
-
-
-def response_parts(response: types.GenerateContentResponse) -> tuple[str, list[FunctionCall]]:
-    if not response.candidates:
-        return "", []
-    content = response.candidates[0].content
-    text: list[str] = []
-    calls: list[FunctionCall] = []
-    for part in (content.parts if content is not None else None) or []:
-        if part.text is not None and not part.thought:
-            text.append(part.text)
-        if part.function_call is not None:
-            signature = base64.b64encode(part.thought_signature).decode() if part.thought_signature else None
-            calls.append(
-                FunctionCall(
-                    name=part.function_call.name or "",
-                    args=dict(part.function_call.args or {}),
-                    id=part.function_call.id,
-                    thought_signature=signature,
-                )
-            )
-    return "".join(text), calls
-
-
-def to_generation(response: types.GenerateContentResponse) -> Generation:
-    finish = check_response(response)
-    text, calls = response_parts(response)
-    input_tokens, output_tokens = usage_tokens(response.usage_metadata)
-    return Generation(
-        text=text,
-        function_calls=calls,
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        finish_reason=finish or "STOP",
-        model_version=response.model_version or "",
-    )
-
-
-def to_chunk(response: types.GenerateContentResponse) -> StreamChunk:
-    finish = check_response(response)
-    text, calls = response_parts(response)
-    input_tokens, output_tokens = usage_tokens(response.usage_metadata)
-    raw = response.model_dump(mode="json", by_alias=True, exclude_none=True, include=_RAW_FIELDS)
-    return StreamChunk(
-        text=text,
-        function_calls=calls,
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        finish_reason=finish,
-        model_version=response.model_version or "",
-        raw=raw,
-    )
+        calling: dict[str, Any] = {"mode": fcc.mode.value}
+        if fcc.allowed_function_names is not None:
+            calling["allowedFunctionNames"] = fcc.allowed_function_names
+        body["toolConfig"] = {"functionCallingConfig": calling}
+    return body
 
 
 # -- token bounds ------------------------------------------------------------

@@ -8,18 +8,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 import httpx2
 from google.genai import errors as genai_errors
 
 from textgen.errors import UpstreamError
+from textgen.providers.gemini_wire import GeminiAPIError
 from textgen.retry_after import parse_retry_after
 
 RETRYABLE_STATUSES = frozenset({429, 500, 503, 504})
 # What the client of this service sees for an upstream status (anything else: 502 Bad Gateway).
 _CLIENT_STATUS = {400: 400, 413: 413, 429: 429, 503: 503, 504: 504}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
-_TRANSPORT_ERRORS = (httpx.TransportError, httpx2.TransportError, ConnectionError)
+# aiohttp carries generateContent; httpx2 is the google-genai SDK's transport (the File API).
+_TRANSPORT_ERRORS = (aiohttp.ClientError, httpx2.TransportError, ConnectionError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,10 +83,12 @@ def parse_duration(value: Any) -> float | None:
 
 
 def classify(exc: BaseException) -> UpstreamFailure | None:
-    """Turn an SDK or transport exception into a failure; None for other exceptions."""
+    """Turn an upstream answer or a transport exception into a failure; None for other exceptions."""
+    if isinstance(exc, GeminiAPIError):
+        return _failure(exc.code, exc.status, exc.message, exc.details, exc.retry_after_header)
     if isinstance(exc, genai_errors.APIError):
-        return _api_failure(exc)
-    if isinstance(exc, (httpx.TimeoutException, httpx2.TimeoutException, TimeoutError)):
+        return _sdk_failure(exc)
+    if isinstance(exc, (httpx2.TimeoutException, TimeoutError)):
         return UpstreamFailure(None, f"Gemini did not answer in time ({type(exc).__name__})")
     if isinstance(exc, _TRANSPORT_ERRORS):
         detail = str(exc) or type(exc).__name__
@@ -92,20 +96,32 @@ def classify(exc: BaseException) -> UpstreamFailure | None:
     return None
 
 
-def _api_failure(exc: genai_errors.APIError) -> UpstreamFailure:
-    code = int(exc.code) if exc.code else 0
-    status = f" {exc.status}" if exc.status else ""
-    message = exc.message or "(no message)"
+def _failure(
+    code: int, status: str, message: str, details: list[Any], retry_after_header: str | None
+) -> UpstreamFailure:
+    """One error answer: its RetryInfo.retryDelay (a Duration such as "38.601s") wins over Retry-After."""
     retry_after = None
-    details = exc.details.get("error", exc.details) if isinstance(exc.details, dict) else {}
-    for detail in details.get("details") or [] if isinstance(details, dict) else []:
+    for detail in details:
         if isinstance(detail, dict) and str(detail.get("@type", "")).endswith("google.rpc.RetryInfo"):
             retry_after = parse_duration(detail.get("retryDelay"))
     if retry_after is None:
-        headers = getattr(getattr(exc, "response", None), "headers", None)
-        if headers is not None:
-            retry_after = parse_retry_after(headers.get("retry-after"))
-    return UpstreamFailure(code, f"Gemini answered {code}{status}: {message}", retry_after)
+        retry_after = parse_retry_after(retry_after_header)
+    named = f" {status}" if status else ""
+    return UpstreamFailure(code, f"Gemini answered {code}{named}: {message or '(no message)'}", retry_after)
+
+
+def _sdk_failure(exc: genai_errors.APIError) -> UpstreamFailure:
+    """An error of the SDK's File API calls."""
+    details = exc.details.get("error", exc.details) if isinstance(exc.details, dict) else {}
+    listed = details.get("details") if isinstance(details, dict) else None
+    headers = getattr(getattr(exc, "response", None), "headers", None)
+    return _failure(
+        int(exc.code) if exc.code else 0,
+        exc.status or "",
+        exc.message or "",
+        listed if isinstance(listed, list) else [],
+        headers.get("retry-after") if headers is not None else None,
+    )
 
 
 def client_status(failure: UpstreamFailure) -> int:
