@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from textgen.capacity import Capacity
 from textgen.catalog import Pricing
 from textgen.lifecycle import Lifecycle
 from textgen.notify import Wakeups
@@ -71,6 +72,7 @@ async def finished_task(store: Storage, name: str = "acct", wakeups: Wakeups | N
         ProviderRegistry({}, {}),
         Pricing(1000),
         wakeups or Wakeups(postgres=store.db.is_postgres),
+        Capacity({}),
         worker_id="w",
         lease_seconds=30,
     )

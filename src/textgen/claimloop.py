@@ -47,6 +47,10 @@ class ClaimLoop(Generic[T]):
         """Return claimed work that will not be finished here (stopping) to the queue."""
         raise NotImplementedError
 
+    def room(self) -> int:
+        """How many more items this process can take now."""
+        return self.capacity - len(self._inflight)
+
     def poll_timeout(self) -> float:
         """How long to sleep when nothing is claimable (at most the poll interval)."""
         return self.poll_seconds
@@ -66,7 +70,7 @@ class ClaimLoop(Generic[T]):
         self._stopping = False
         while not self._stopping:
             self._wake.clear()
-            room = self.capacity - len(self._inflight)
+            room = self.room()
             claimed: list[T] = []
             if room > 0:
                 try:
@@ -83,7 +87,7 @@ class ClaimLoop(Generic[T]):
                 running = asyncio.create_task(self.handle(item), name=f"{self.name}-{key}")
                 self._inflight[key] = running
                 running.add_done_callback(functools.partial(self._done, key))
-            if claimed and len(self._inflight) < self.capacity:
+            if claimed and self.room() > 0:
                 continue  # more may be claimable at once
             if burst and not claimed:
                 if not self._inflight:

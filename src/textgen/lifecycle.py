@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 
 from textgen import metrics
+from textgen.capacity import Capacity, Slot
 from textgen.catalog import ModelSpec, Pricing
 from textgen.errors import StorageUnavailable, TextgenError
 from textgen.notify import Wakeups
@@ -29,6 +30,9 @@ from textgen.timing import add_upstream
 log = logging.getLogger("textgen.lifecycle")
 
 INTERRUPTED_STREAM = "interrupted: the server stopped while this task was streaming"
+INTERRUPTED_SYNC = (
+    "interrupted: the server stopped while this sync request was running; its client got an error"
+)
 LEASE_LOST = "lease lost"
 
 
@@ -67,10 +71,17 @@ class Lease:
     """A generation in progress under this process's lease: its heartbeat, its timing, its settlement."""
 
     def __init__(
-        self, lifecycle: Lifecycle, task: TaskRow, spec: ModelSpec, on_lost: Callable[[], object] | None
+        self,
+        lifecycle: Lifecycle,
+        task: TaskRow,
+        spec: ModelSpec,
+        on_lost: Callable[[], object] | None,
+        slot: Slot | None = None,
     ) -> None:
         self.task = task
         self._lifecycle = lifecycle
+        # The provider slot this generation holds until it stops (the worker took it when it claimed).
+        self._slot = slot or lifecycle.capacity.take(spec.provider)
         self._watch = metrics.generation_started(spec.name, spec.provider)
         self._heartbeat = asyncio.ensure_future(
             hold_lease(
@@ -110,6 +121,7 @@ class Lease:
     def stop(self) -> float:
         """Stop the heartbeat and the clock (idempotent); the generation's time so far, in seconds."""
         self._heartbeat.cancel()
+        self._slot.give_back()
         if self._lifecycle.running.get(self.task.id) is self:
             del self._lifecycle.running[self.task.id]
         return self._watch.done()
@@ -128,12 +140,14 @@ class Lifecycle:
         registry: ProviderRegistry,
         pricing: Pricing,
         wakeups: Wakeups,
+        capacity: Capacity,
         *,
         worker_id: str,
         lease_seconds: float,
     ) -> None:
         self.queue = queue
         self.registry = registry
+        self.capacity = capacity
         self.pricing = pricing
         self.wakeups = wakeups
         self.worker_id = worker_id
@@ -154,15 +168,37 @@ class Lifecycle:
         outcome.failed_reason = reason
         return outcome
 
-    def lease(self, task: TaskRow, spec: ModelSpec, on_lost: Callable[[], object] | None = None) -> Lease:
-        """Start holding ``task`` (created or claimed leased to this process)."""
-        return Lease(self, task, spec, on_lost)
+    def lease(
+        self,
+        task: TaskRow,
+        spec: ModelSpec,
+        on_lost: Callable[[], object] | None = None,
+        slot: Slot | None = None,
+    ) -> Lease:
+        """Start holding ``task`` (created or claimed leased to this process), in ``slot`` or a new one."""
+        return Lease(self, task, spec, on_lost, slot)
 
-    async def run(self, task: TaskRow) -> TaskRow | None:
-        """Generate a sync or claimed task, then settle it; None when the lease was lost meanwhile."""
-        if task.mode == TaskMode.STREAM:
-            # The client of a stream is gone once its server stopped; nobody would read a rerun.
-            return await self.finish(task, Outcome.failed(INTERRUPTED_STREAM))
+    async def resume(self, task: TaskRow, slot: Slot | None, max_attempts: int) -> TaskRow | None:
+        """Run a task the worker claimed (queued, or left behind by a process that stopped)."""
+        if task.mode != TaskMode.ASYNC:
+            # The client of a sync request or a stream is gone once its server stopped: nobody would read a
+            # rerun, so it ends failed and charged nothing.
+            reason = INTERRUPTED_STREAM if task.mode == TaskMode.STREAM else INTERRUPTED_SYNC
+            return await self.finish(task, Outcome.failed(reason))
+        if task.attempts > max_attempts:
+            return await self.finish(
+                task,
+                Outcome.failed(
+                    f"abandoned: claimed {task.attempts} times and never finished (each time its process "
+                    f"stopped while running it); not retried past {max_attempts} attempts"
+                ),
+            )
+        return await self.run(task, slot)
+
+    async def run(self, task: TaskRow, slot: Slot | None = None) -> TaskRow | None:
+        """Generate a sync or claimed task, then settle it; None when the lease was lost meanwhile.
+
+        A claimed task comes with the provider ``slot`` the worker took for it."""
         try:
             request = generation_input(task)
             spec, provider = self.registry.resolve(task.model_name)
@@ -174,7 +210,7 @@ class Lifecycle:
         generation = asyncio.ensure_future(
             provider.generate(spec, request, account=str(task.account_id), progress=progress)
         )
-        lease = self.lease(task, spec, on_lost=generation.cancel)
+        lease = self.lease(task, spec, on_lost=generation.cancel, slot=slot)
         lease.on_cancel = generation.cancel
         if task.cancel_requested:
             lease.request_cancel()  # asked while its last runner held it

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from textgen.accounts import AccountService, Authenticator
 from textgen.admin import AccountAdmin
+from textgen.capacity import Capacity
 from textgen.catalog import Pricing, load_catalog
 from textgen.idempotency import Idempotency
 from textgen.lifecycle import Lifecycle
@@ -82,6 +83,13 @@ class Services:
         registry = ProviderRegistry(load_catalog(settings.models_file), providers)
         pricing = Pricing(settings.credits_per_usd)
         wakeups = Wakeups(postgres=storage.db.is_postgres)
+        capacity = Capacity(
+            {name: provider.capacity() for name, provider in providers.items()}, on_free=wakeups.task_queued
+        )
+        models: dict[str, list[str]] = {name: [] for name in providers}
+        for spec in registry.catalog.values():
+            if spec.provider in models:
+                models[spec.provider].append(spec.name)
         worker_id = new_worker_id("api")
         policy = AddressPolicy(
             allow_private=settings.webhook_allow_private,
@@ -92,6 +100,7 @@ class Services:
             registry,
             pricing,
             wakeups,
+            capacity,
             worker_id=worker_id,
             lease_seconds=settings.lease_seconds,
         )
@@ -127,7 +136,10 @@ class Services:
             worker=Worker(
                 storage.tasks,
                 lifecycle,
-                concurrency=settings.worker_concurrency,
+                models=models,
+                max_tasks=settings.worker_concurrency,
+                batch=settings.worker_claim_batch,
+                max_attempts=settings.task_max_attempts,
                 poll_seconds=settings.worker_poll_seconds,
                 wake=wakeups.tasks,
             ),

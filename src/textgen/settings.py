@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     gemini_api_version: str = Field("v1beta", description="Gemini API version")
     gemini_timeout_seconds: float = Field(300.0, gt=0, description="timeout of one Gemini call")
     gemini_retry_budget_seconds: float = Field(60.0, ge=0, description="total time retries may take")
+    gemini_concurrency: int = Field(
+        512, ge=1, description="Gemini generations in flight per process (sync, stream and queued together)"
+    )
     gemini_max_attempts: int = Field(5, ge=1, description="attempts per Gemini call, the first included")
     gemini_retry_initial_delay_seconds: float = Field(1.0, ge=0, description="first backoff delay")
     gemini_retry_max_delay_seconds: float = Field(30.0, ge=0, description="longest backoff delay")
@@ -98,7 +101,16 @@ class Settings(BaseSettings):
     )
 
     run_worker: bool = Field(True, description="`textgen serve` also runs the task worker and webhook sender")
-    worker_concurrency: int = Field(4, ge=1, description="tasks in flight per worker")
+    worker_concurrency: int | None = Field(
+        None,
+        ge=1,
+        description="optional cap on queued tasks in flight per process; unset: each provider's capacity "
+        "(TEXTGEN_GEMINI_CONCURRENCY, TEXTGEN_LOCAL_MODEL_INSTANCES)",
+    )
+    worker_claim_batch: int = Field(64, ge=1, description="most tasks one claim takes, per provider")
+    task_max_attempts: int = Field(
+        3, ge=1, description="a task claimed this many times without finishing (its process died) fails"
+    )
     worker_poll_seconds: float = Field(
         1.0, gt=0, description="queue polling interval (woken at once by new tasks in-process or via NOTIFY)"
     )

@@ -141,12 +141,14 @@ class FakeGemini:
         api_key: str | None = "test-key",
         chunks: int | None = None,
         chunk_delay: float = 0.0,
+        delay: float = 0.0,
         record: bool = True,
         max_records: int | None = None,
     ) -> None:
         self.api_key = api_key
         self.chunks = chunks  # fixed number of stream chunks (else one per word)
         self.chunk_delay = chunk_delay
+        self.delay = delay  # seconds before every answer (a slow upstream)
         self.record = record
         self.received: deque[Received] = deque(maxlen=max_records)
         self.faults: deque[Fault] = deque()
@@ -225,8 +227,8 @@ class FakeGemini:
         if self.record:
             self.received.append(received)
         fault = self.faults.popleft() if self.faults else Fault()
-        if fault.delay:
-            await asyncio.sleep(fault.delay)
+        if fault.delay or self.delay:
+            await asyncio.sleep(fault.delay or self.delay)
         if fault.status is not None:
             details = [retry_info(fault.retry_delay)] if fault.retry_delay else None
             headers = {"Retry-After": fault.retry_after} if fault.retry_after else None
@@ -529,10 +531,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--api-key", default=None, help="require this x-goog-api-key (default: accept any)")
     parser.add_argument("--chunks", type=int, default=None, help="stream replies in exactly this many chunks")
     parser.add_argument("--chunk-delay-ms", type=float, default=0.0, help="pause between stream chunks")
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="pause before every answer")
     parser.add_argument("--reply", default=DEFAULT_REPLY, help="the text every generation answers")
     args = parser.parse_args(argv)
     fake = FakeGemini(
-        api_key=args.api_key, chunks=args.chunks, chunk_delay=args.chunk_delay_ms / 1000, record=False
+        api_key=args.api_key,
+        chunks=args.chunks,
+        chunk_delay=args.chunk_delay_ms / 1000,
+        delay=args.delay_ms / 1000,
+        record=False,
     )
     fake.reply_text = args.reply
     uvicorn.run(fake.app, host=args.host, port=args.port, log_level="warning", access_log=False)

@@ -38,6 +38,10 @@ class FakeProvider:
     fail_after_chunks: int | None = None
     fail_before_first: UpstreamError | None = None
     stream_closed: int = 0
+    slots: int = 64
+
+    def capacity(self) -> int:
+        return self.slots
 
     async def open(self) -> None:
         return None

@@ -87,6 +87,10 @@ class Provider(Protocol):
         """Whether this provider can serve requests now (key configured, model loaded)."""
         ...
 
+    def capacity(self) -> int:
+        """How many generations this provider runs at once in one process (the worker claims no more)."""
+        ...
+
     def check(self, spec: ModelSpec, request: GenerationInput) -> None:
         """Raise BadRequest for what this provider cannot honour, before any work starts.
 

@@ -65,6 +65,10 @@ class GeminiProvider:
     def available(self) -> bool:
         return bool(self.settings.gemini_api_key)
 
+    def capacity(self) -> int:
+        """Calls wait on the network, not on this process: hundreds run at once."""
+        return self.settings.gemini_concurrency
+
     def check(self, spec: ModelSpec, request: GenerationInput) -> None:
         mapping.check_request(request)
 

@@ -252,6 +252,10 @@ class LocalProvider:
         # Generations whose thread is using an instance: closed only once every one has stopped.
         self._running: dict[asyncio.Future[None], threading.Event] = {}
 
+    def capacity(self) -> int:
+        """One generation per model instance; more would only wait in the pool."""
+        return self.instances
+
     async def open(self) -> None:
         """Load the model instances (in a thread), then put them into the pool on this event loop."""
         await asyncio.to_thread(self.load)

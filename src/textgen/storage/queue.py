@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -109,23 +110,78 @@ _DELIVERY_BACKLOG = (
 )
 
 
-def _claim_statement(postgres: bool) -> sa.Update:
-    candidate = (
-        sa.select(tasks.c.id)
+# How far back an account's finished tasks count as its use of the workers when claims are shared out.
+FAIR_SHARE_SECONDS = 60.0
+
+
+def _claimable(table: sa.FromClause) -> sa.ColumnElement[bool]:
+    """Pending, or running under a lease that has expired (its process stopped)."""
+    return sa.or_(
+        table.c.status == TaskStatus.PENDING,
+        sa.and_(table.c.status == TaskStatus.RUNNING, table.c.lease_expires_at < _b("now")),
+    )
+
+
+def _claim_statement(postgres: bool, models: str) -> sa.Update:
+    """Claim up to ``limit`` claimable tasks in one statement, fairly between accounts.
+
+    Each candidate's turn is its rank among its account's claimable tasks plus the account's recent use of
+    the workers (its tasks running now and those that finished in the last ``FAIR_SHARE_SECONDS``), so an
+    account with thousands queued, or hundreds running, never starves one with a single task: the least
+    served account goes first. ``models`` restricts the claim to the models of providers with room: ``in``
+    (the ``models`` parameter), ``not_in`` (tasks of models no provider serves, which fail at once) or ``any``.
+    """
+    candidate = tasks.alias("candidate")
+    busy = (
+        sa.select(tasks.c.account_id, sa.func.count().label("running"))
         .where(
             sa.or_(
-                tasks.c.status == TaskStatus.PENDING,
-                sa.and_(tasks.c.status == TaskStatus.RUNNING, tasks.c.lease_expires_at < _b("now")),
+                sa.and_(tasks.c.status == TaskStatus.RUNNING, tasks.c.lease_expires_at >= _b("now")),
+                sa.and_(
+                    tasks.c.status.in_([TaskStatus.DONE, TaskStatus.FAILED]),
+                    tasks.c.updated_at >= _b("recent"),
+                ),
             )
         )
-        .order_by(tasks.c.created_at)
-        .limit(1)
+        .group_by(tasks.c.account_id)
+        .subquery("busy")
     )
+    rank = sa.func.row_number().over(
+        partition_by=candidate.c.account_id, order_by=(candidate.c.created_at, candidate.c.id)
+    )
+    ranked = sa.select(
+        candidate.c.id.label("id"),
+        candidate.c.created_at.label("created_at"),
+        (rank + sa.func.coalesce(busy.c.running, 0)).label("turn"),
+    ).select_from(candidate.outerjoin(busy, busy.c.account_id == candidate.c.account_id))
+    ranked = ranked.where(_claimable(candidate))
+    if models == "in":
+        ranked = ranked.where(candidate.c.model_name.in_(_b("models", expanding=True)))
+    elif models == "not_in":
+        ranked = ranked.where(candidate.c.model_name.not_in(_b("models", expanding=True)))
+    turns = ranked.subquery("turns")
     if postgres:
-        candidate = candidate.with_for_update(skip_locked=True)
+        # Lock what is picked, skipping rows another worker is claiming: rank a few more candidates than
+        # wanted so that concurrent claims each find unlocked ones.
+        offered = (
+            sa.select(turns.c.id, turns.c.turn, turns.c.created_at)
+            .order_by(turns.c.turn, turns.c.created_at)
+            .limit(_b("candidates"))
+            .subquery("offered")
+        )
+        picked = (
+            sa.select(tasks.c.id)
+            .join(offered, offered.c.id == tasks.c.id)
+            .where(_claimable(tasks))
+            .order_by(offered.c.turn, offered.c.created_at)
+            .limit(_b("limit"))
+            .with_for_update(skip_locked=True, of=tasks)
+        )
+    else:
+        picked = sa.select(turns.c.id).order_by(turns.c.turn, turns.c.created_at).limit(_b("limit"))
     return (
         tasks.update()
-        .where(tasks.c.id == candidate.scalar_subquery())
+        .where(tasks.c.id.in_(picked.scalar_subquery()))
         .values(
             status=TaskStatus.RUNNING,
             lease_owner=_b("worker_id"),
@@ -143,7 +199,7 @@ class TaskQueue:
     def __init__(self, db: Database, payload: Callable[[TaskRow], str]) -> None:
         self.db = db
         self.payload = payload
-        self._claim = _claim_statement(db.is_postgres)
+        self._claims = {kind: _claim_statement(db.is_postgres, kind) for kind in ("in", "not_in", "any")}
         lock = sa.select(accounts.c.balance).where(accounts.c.id == _b("account_id"))
         self._balance = lock.with_for_update() if db.is_postgres else lock
         self._task_for_update = _TASK_OF_ACCOUNT.with_for_update() if db.is_postgres else _TASK_OF_ACCOUNT
@@ -269,11 +325,42 @@ class TaskQueue:
         return rows, more
 
     async def claim(self, worker_id: str, lease_seconds: float) -> TaskRow | None:
-        """Atomically take the oldest pending task, or a running one whose lease has expired."""
+        """Atomically take the next claimable task (pending, or running under an expired lease)."""
+        claimed = await self.claim_batch(worker_id, lease_seconds, limit=1)
+        return claimed[0] if claimed else None
+
+    async def claim_batch(
+        self,
+        worker_id: str,
+        lease_seconds: float,
+        *,
+        limit: int,
+        models: Sequence[str] | None = None,
+        other_models: Sequence[str] | None = None,
+    ) -> builtins.list[TaskRow]:
+        """Take up to ``limit`` claimable tasks in one statement, fairly between accounts, oldest first
+        within each account: of ``models`` only, or of any model but ``other_models``, or of any model."""
+        if limit <= 0 or (models is not None and not models):
+            return []
         now = utcnow()
-        params = {"now": now, "worker_id": worker_id, "expires": now + dt.timedelta(seconds=lease_seconds)}
-        row = await self.db.run(lambda conn: conn.execute(self._claim, params).first())
-        return task_row(row) if row else None
+        params: dict[str, Any] = {
+            "now": now,
+            "worker_id": worker_id,
+            "expires": now + dt.timedelta(seconds=lease_seconds),
+            "limit": limit,
+            "candidates": limit * 4 + 16,
+            "recent": now - dt.timedelta(seconds=FAIR_SHARE_SECONDS),
+        }
+        if models is not None:
+            statement, params["models"] = self._claims["in"], list(models)
+        elif other_models:
+            statement, params["models"] = self._claims["not_in"], list(other_models)
+        else:
+            statement = self._claims["any"]
+        rows = await self.db.run(lambda conn: conn.execute(statement, params).all())
+        claimed = [task_row(row) for row in rows]
+        claimed.sort(key=lambda task: task.created_at)
+        return claimed
 
     async def renew_lease(self, task_id: str, worker_id: str, lease_seconds: float) -> Renewal:
         """Extend a held lease; false when the lease was lost to another worker. The renewal also says

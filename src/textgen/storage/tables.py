@@ -96,6 +96,7 @@ tasks = sa.Table(
     # Someone asked to cancel the task while another process ran it: that process stops it.
     sa.Column("cancel_requested", sa.Boolean, nullable=False, server_default=sa.text("false")),
     sa.Index("ix_tasks_status_created", "status", "created_at"),
+    sa.Index("ix_tasks_status_updated", "status", "updated_at"),
     sa.Index("ix_tasks_account_created", "account_id", "created_at", "id"),
 )
 
