@@ -84,13 +84,17 @@ async def test_stream_function_call_chunk_carries_the_signature(tmp_path: Path) 
             ]
         finally:
             await provider.aclose()
-    [chunk] = chunks
+    # As Gemini 3 streams a call (stream/s11): the call, unfinished, then an empty text part that finishes.
+    chunk, end = chunks
     [call] = chunk.function_calls
     assert call.name == "lookup"
     assert call.thought_signature is not None
     assert base64.b64decode(call.thought_signature) in fake.issued_signatures
     assert chunk.raw is not None
     assert "thoughtSignature" in chunk.raw["candidates"][0]["content"]["parts"][0]
+    assert chunk.finish_reason is None
+    assert (end.text, end.function_calls, end.finish_reason) == ("", [], "STOP")
+    assert end.output_tokens == chunk.output_tokens > 0
 
 
 async def test_stream_mid_stream_error_raises_after_the_chunks_sent(tmp_path: Path) -> None:

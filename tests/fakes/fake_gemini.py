@@ -44,6 +44,24 @@ _STATUS_NAMES = {
     503: "UNAVAILABLE",
     504: "DEADLINE_EXCEEDED",
 }
+# What Gemini answers without a key, and with a wrong one (errors/e08 and e01 of the recorded answers).
+NO_KEY_MESSAGE = (
+    "Method doesn't allow unregistered callers (callers without established identity). Please use API Key or "
+    "other form of API consumer identity to call this API."
+)
+BAD_KEY_MESSAGE = "API key not valid. Please pass a valid API key."
+QUOTA_MESSAGE = (
+    "You exceeded your current quota, please check your plan and billing details. For more information on this "
+    "error, head to: https://ai.google.dev/gemini-api/docs/rate-limits."
+)
+SAFETY_CATEGORIES = (
+    "HARM_CATEGORY_SEXUALLY_EXPLICIT",
+    "HARM_CATEGORY_HATE_SPEECH",
+    "HARM_CATEGORY_HARASSMENT",
+    "HARM_CATEGORY_DANGEROUS_CONTENT",
+)
+UNARY_TYPE = "application/json; charset=UTF-8"
+SSE_TYPE = "text/event-stream"
 _B64_STANDARD = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
 _B64_URLSAFE = re.compile(r"^[A-Za-z0-9_-]*={0,2}$")
 DEFAULT_REPLY = "Create stunning videos in seconds, powered by AI."
@@ -76,8 +94,14 @@ def decode_b64(data: str) -> bytes:
     raise ValueError("invalid base64")
 
 
-def error_body(code: int, message: str, details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    error: dict[str, Any] = {"code": code, "message": message, "status": _STATUS_NAMES.get(code, "UNKNOWN")}
+def error_body(
+    code: int, message: str, details: list[dict[str, Any]] | None = None, status: str | None = None
+) -> dict[str, Any]:
+    error: dict[str, Any] = {
+        "code": code,
+        "message": message,
+        "status": status or _STATUS_NAMES.get(code, "UNKNOWN"),
+    }
     if details:
         error["details"] = details
     return {"error": error}
@@ -87,11 +111,153 @@ def retry_info(delay: str) -> dict[str, Any]:
     return {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay}
 
 
+def quota_details(retry_delay: str | None) -> list[dict[str, Any]]:
+    """The details of a 429 in the order Gemini sends them since 2026: Help, QuotaFailure, RetryInfo."""
+    details: list[dict[str, Any]] = [
+        {
+            "@type": "type.googleapis.com/google.rpc.Help",
+            "links": [
+                {
+                    "description": "Learn more about Gemini API quotas",
+                    "url": "https://ai.google.dev/gemini-api/docs/rate-limits",
+                }
+            ],
+        },
+        {
+            "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+            "violations": [
+                {
+                    "quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests",
+                    "quotaId": "GenerateRequestsPerMinutePerProjectPerModel-FreeTier",
+                    "quotaDimensions": {"location": "global", "model": "gemini-2.5-flash"},
+                    "quotaValue": "10",
+                }
+            ],
+        },
+    ]
+    if retry_delay:
+        details.append(retry_info(retry_delay))
+    return details
+
+
+def bad_key_details() -> list[dict[str, Any]]:
+    return [
+        {
+            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+            "reason": "API_KEY_INVALID",
+            "domain": "googleapis.com",
+            "metadata": {"service": "generativelanguage.googleapis.com"},
+        },
+        {
+            "@type": "type.googleapis.com/google.rpc.LocalizedMessage",
+            "locale": "en-US",
+            "message": BAD_KEY_MESSAGE,
+        },
+    ]
+
+
+def pretty(value: Any) -> bytes:
+    """JSON as Gemini prints unary answers and errors: a 2-space indent and a trailing newline."""
+    return (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def sse_event(payload: Any) -> bytes:
+    """One stream event as Gemini frames it: ESF spacing (``": "`` after keys, none after commas), CRLF CRLF."""
+    return b"data: " + json.dumps(payload, separators=(",", ": "), ensure_ascii=False).encode() + b"\r\n\r\n"
+
+
+def error_response(
+    code: int,
+    message: str,
+    details: list[dict[str, Any]] | None = None,
+    *,
+    stream: bool = False,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """An error answer; on a streaming request it keeps the event-stream type over its plain JSON body."""
+    return Response(
+        pretty(error_body(code, message, details)),
+        code,
+        {**(headers or {}), "content-type": SSE_TYPE if stream else UNARY_TYPE},
+    )
+
+
 class _Invalid(Exception):
-    def __init__(self, message: str, code: int = 400) -> None:
+    def __init__(self, message: str, code: int = 400, details: list[dict[str, Any]] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
+        self.details = details
+
+
+# The fields of a GenerateContentRequest and of its generationConfig; Gemini refuses any other (errors/e03).
+_REQUEST_FIELDS = frozenset(
+    {
+        "contents",
+        "tools",
+        "toolConfig",
+        "safetySettings",
+        "systemInstruction",
+        "generationConfig",
+        "cachedContent",
+    }
+)
+_GENERATION_FIELDS = frozenset(
+    {
+        "stopSequences",
+        "responseMimeType",
+        "responseSchema",
+        "responseJsonSchema",
+        "responseModalities",
+        "candidateCount",
+        "maxOutputTokens",
+        "temperature",
+        "topP",
+        "topK",
+        "seed",
+        "presencePenalty",
+        "frequencyPenalty",
+        "responseLogprobs",
+        "logprobs",
+        "enableEnhancedCivicAnswers",
+        "speechConfig",
+        "thinkingConfig",
+        "imageConfig",
+        "mediaResolution",
+    }
+)
+MAX_STOP_SEQUENCES = 5
+MAX_FUNCTION_DECLARATIONS = 512
+
+
+def _unknown_field(name: str, where: str) -> _Invalid:
+    at = f" at '{where}'" if where else ""
+    message = f'Invalid JSON payload received. Unknown name "{name}"{at}: Cannot find field.'
+    violation = {"field": where, "description": message}
+    details = [{"@type": "type.googleapis.com/google.rpc.BadRequest", "fieldViolations": [violation]}]
+    return _Invalid(message, details=details)
+
+
+def _check_fields(body: dict[str, Any]) -> None:
+    """Refuse what Gemini refuses before it generates: unknown fields, more than its limits."""
+    for name in body:
+        if name not in _REQUEST_FIELDS:
+            raise _unknown_field(name, "")
+    config = body.get("generationConfig") or {}
+    for name in config:
+        if name not in _GENERATION_FIELDS:
+            raise _unknown_field(name, "generation_config")
+    if len(config.get("stopSequences") or []) > MAX_STOP_SEQUENCES:
+        raise _Invalid(
+            "The GenerateContentRequest proto is invalid:\n  * generation_config.stop_sequences: [FIELD_INVALID] "
+            f"At most {MAX_STOP_SEQUENCES} stop sequences can be specified."
+        )
+    for i, tool in enumerate(body.get("tools") or []):
+        if len(tool.get("functionDeclarations") or []) > MAX_FUNCTION_DECLARATIONS:
+            raise _Invalid(
+                f"The GenerateContentRequest proto is invalid:\n  * tools[{i}].function_declarations: "
+                f"[FIELD_INVALID] At most {MAX_FUNCTION_DECLARATIONS} function declarations can be specified."
+            )
 
 
 @dataclass
@@ -105,9 +271,29 @@ class Fault:
     delay: float = 0.0  # seconds to wait before answering
     block_reason: str | None = None  # promptFeedback.blockReason, no candidates
     finish_reason: str | None = None  # finish the (only) candidate with this reason
-    error_after_chunks: int | None = None  # streaming: send this many chunks, then an error event
+    # Streaming: send this many chunks, then an error as Gemini sends one after HTTP 200, a raw JSON tail.
+    error_after_chunks: int | None = None
+    error_status: int = 500  # the code of that error
     drop_after_chunks: int | None = None  # streaming: send this many chunks, then cut the connection
     garbage: bytes | None = None  # answer 200 with this body (not JSON) instead of a response
+    replay: Replay | None = None  # answer with these recorded bytes instead
+
+
+@dataclass
+class Replay:
+    """A recorded answer, sent byte for byte (status, content type, body) instead of one of the fake's own."""
+
+    status: int
+    body: bytes
+    content_type: str = UNARY_TYPE
+    headers: dict[str, str] = field(default_factory=dict)
+    piece_size: int | None = None  # send the body in pieces of this many bytes; else line by line
+
+    def pieces(self) -> list[bytes]:
+        if self.piece_size:
+            size = self.piece_size
+            return [self.body[i : i + size] for i in range(0, len(self.body), size)]
+        return self.body.splitlines(keepends=True)
 
 
 @dataclass
@@ -196,6 +382,11 @@ class FakeGemini:
     def add_fault(self, fault: Fault) -> None:
         self.faults.append(fault)
 
+    def replay(self, *replays: Replay) -> None:
+        """Answer the next requests, one each, with these recorded bytes."""
+        for replay in replays:
+            self.faults.append(Fault(replay=replay))
+
     @property
     def generate_requests(self) -> list[Received]:
         return list(self.received)
@@ -210,18 +401,20 @@ class FakeGemini:
         rest = request.path_params["rest"]
         model, _, method = rest.partition(":")
         if method not in ("generateContent", "streamGenerateContent"):
-            return JSONResponse(error_body(404, f"method {method!r} not found"), status_code=404)
+            return error_response(404, f"method {method!r} not found")
         stream = method == "streamGenerateContent"
         if stream and request.query_params.get("alt") != "sse":
-            return JSONResponse(error_body(400, "this fake only streams with alt=sse"), status_code=400)
-        if self.api_key is not None and request.headers.get("x-goog-api-key") != self.api_key:
-            return JSONResponse(
-                error_body(400, "API key not valid. Please pass a valid API key."), status_code=400
-            )
+            return error_response(400, "this fake only streams with alt=sse")
+        if self.api_key is not None:
+            key = request.headers.get("x-goog-api-key") or request.query_params.get("key")
+            if not key:
+                return error_response(403, NO_KEY_MESSAGE, stream=stream)
+            if key != self.api_key:
+                return error_response(400, BAD_KEY_MESSAGE, bad_key_details(), stream=stream)
         try:
             raw = json.loads(await request.body())
         except ValueError:
-            return JSONResponse(error_body(400, "Invalid JSON payload received."), status_code=400)
+            return error_response(400, "Invalid JSON payload received.", stream=stream)
         body = camelize(raw)
         received = Received(model=model, stream=stream, headers=dict(request.headers), raw=raw, body=body)
         if self.record:
@@ -229,22 +422,40 @@ class FakeGemini:
         fault = self.faults.popleft() if self.faults else Fault()
         if fault.delay or self.delay:
             await asyncio.sleep(fault.delay or self.delay)
+        if fault.replay is not None:
+            return self._replayed(fault.replay)
         if fault.status is not None:
-            details = [retry_info(fault.retry_delay)] if fault.retry_delay else None
+            details = quota_details(fault.retry_delay) if fault.status == 429 else None
+            if fault.retry_delay and details is None:
+                details = [retry_info(fault.retry_delay)]
             headers = {"Retry-After": fault.retry_after} if fault.retry_after else None
             message = fault.message or f"fake failure {fault.status}"
-            return JSONResponse(error_body(fault.status, message, details), fault.status, headers)
+            return error_response(fault.status, message, details, stream=stream, headers=headers)
         if fault.garbage is not None:
-            return Response(fault.garbage, media_type="text/event-stream" if stream else "application/json")
+            return Response(fault.garbage, headers={"content-type": SSE_TYPE if stream else UNARY_TYPE})
         try:
             response = self._answer(model, body, received, fault)
         except _Invalid as exc:
-            return JSONResponse(error_body(exc.code, exc.message), status_code=exc.code)
+            return error_response(exc.code, exc.message, exc.details, stream=stream)
         if not stream:
-            return Response(json.dumps(response), media_type="application/json")
-        return StreamingResponse(self._sse(response, fault), media_type="text/event-stream")
+            return Response(pretty(response), headers={"content-type": UNARY_TYPE})
+        return StreamingResponse(
+            self._sse(model, response, fault),
+            headers={"content-type": SSE_TYPE, "content-disposition": "attachment"},
+        )
+
+    @staticmethod
+    def _replayed(replay: Replay) -> Response:
+        headers = {**replay.headers, "content-type": replay.content_type}
+
+        async def pieces() -> AsyncIterator[bytes]:
+            for piece in replay.pieces():
+                yield piece
+
+        return StreamingResponse(pieces(), replay.status, headers)
 
     def _answer(self, model: str, body: dict[str, Any], received: Received, fault: Fault) -> dict[str, Any]:
+        _check_fields(body)
         contents = body.get("contents")
         if not isinstance(contents, list) or not contents:
             raise _Invalid("* GenerateContentRequest.contents: contents is not specified")
@@ -261,36 +472,37 @@ class FakeGemini:
             raise _Invalid("responseJsonSchema requires responseMimeType application/json")
         if self.replies:
             return self.replies.popleft()
-        usage_base = {"promptTokenCount": prompt_tokens}
         if fault.block_reason:
-            return {
-                "promptFeedback": {"blockReason": fault.block_reason},
-                "usageMetadata": {**usage_base, "totalTokenCount": prompt_tokens},
-                "modelVersion": model,
-                "responseId": secrets.token_hex(8),
-            }
+            # A blocked prompt: HTTP 200 with promptFeedback only, no candidates and no usage (generate/g14).
+            ratings = [
+                {"category": category, "probability": "HIGH" if i == 1 else "NEGLIGIBLE"}
+                for i, category in enumerate(SAFETY_CATEGORIES)
+            ]
+            return {"promptFeedback": {"blockReason": fault.block_reason, "safetyRatings": ratings}}
         parts = self._reply_parts(model, body)
         output_tokens = sum(_words(p.get("text", "")) for p in parts) + sum(
             3 for p in parts if "functionCall" in p
         )
-        usage = {
-            **usage_base,
+        usage: dict[str, Any] = {
+            "promptTokenCount": prompt_tokens,
             "candidatesTokenCount": output_tokens,
             "totalTokenCount": prompt_tokens + output_tokens + self.thoughts_tokens,
+            "promptTokensDetails": [{"modality": "TEXT", "tokenCount": prompt_tokens}],
         }
         if self.thoughts_tokens:
             usage["thoughtsTokenCount"] = self.thoughts_tokens
+        candidate: dict[str, Any] = {
+            "content": {"parts": parts, "role": "model"},
+            "finishReason": fault.finish_reason or "STOP",
+            "index": 0,
+        }
+        if any("functionCall" in part for part in parts) and candidate["finishReason"] == "STOP":
+            candidate["finishMessage"] = "Model generated function call(s)."
         return {
-            "candidates": [
-                {
-                    "content": {"role": "model", "parts": parts},
-                    "finishReason": fault.finish_reason or "STOP",
-                    "index": 0,
-                }
-            ],
+            "candidates": [candidate],
             "usageMetadata": usage,
             "modelVersion": model,
-            "responseId": secrets.token_hex(8),
+            "responseId": secrets.token_urlsafe(16)[:22],
         }
 
     def _check_contents(self, model: str, contents: list[Any], received: Received) -> int:
@@ -329,7 +541,20 @@ class FakeGemini:
                     tokens += _words(json.dumps(part["functionResponse"].get("response", {})))
         return max(tokens, 1)
 
+    def _signature(self) -> str:
+        signature = secrets.token_bytes(24)
+        self.issued_signatures.add(signature)
+        # Real signatures use the standard alphabet, padded; these may contain '+' and '/'.
+        return base64.b64encode(signature).decode()
+
     def _reply_parts(self, model: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+        parts = self._reply_content(model, body)
+        if model.startswith("gemini-3") and "text" in parts[-1]:
+            # Gemini 3 signs its text answers too, on the (last) text part (generate/g02).
+            parts[-1]["thoughtSignature"] = self._signature()
+        return parts
+
+    def _reply_content(self, model: str, body: dict[str, Any]) -> list[dict[str, Any]]:
         last = body["contents"][-1]
         responses = [p["functionResponse"] for p in last.get("parts", []) if "functionResponse" in p]
         if responses:
@@ -349,11 +574,10 @@ class FakeGemini:
             schema = declaration.get("parametersJsonSchema") or declaration.get("parameters") or {}
             call: dict[str, Any] = {"name": declaration["name"], "args": example_of(schema)}
             part: dict[str, Any] = {"functionCall": call}
-            if model.startswith("gemini-3"):
-                signature = secrets.token_bytes(24)
-                self.issued_signatures.add(signature)
-                # Real signatures use the standard alphabet; these may contain '+' and '/'.
-                part["thoughtSignature"] = base64.b64encode(signature).decode()
+            if model.startswith(("gemini-3", "gemini-2.5")):
+                # Thinking models sign a function call on its part, beside (not inside) functionCall
+                # (generate/g06, g07; stream/s04).
+                part["thoughtSignature"] = self._signature()
             return [part]
         gen_config = body.get("generationConfig") or {}
         if gen_config.get("responseMimeType") == "application/json":
@@ -361,22 +585,22 @@ class FakeGemini:
             return [{"text": json.dumps(example_of(schema))}]
         return [{"text": self.reply_text}]
 
-    async def _sse(self, response: dict[str, Any], fault: Fault) -> AsyncIterator[bytes]:
+    async def _sse(self, model: str, response: dict[str, Any], fault: Fault) -> AsyncIterator[bytes]:
         self.streams_opened += 1
         completed = False
         try:
-            for index, chunk in enumerate(self._split(response)):
+            for index, chunk in enumerate(self._split(model, response)):
                 if fault.error_after_chunks is not None and index == fault.error_after_chunks:
-                    yield (
-                        b"data: " + json.dumps(error_body(500, "fake mid-stream failure")).encode() + b"\n\n"
-                    )
+                    # Not an event: after HTTP 200 Gemini appends the error as raw pretty JSON, then ends
+                    # the body (stream/s15).
+                    yield pretty(error_body(fault.error_status, "fake mid-stream failure"))
                     completed = True
                     return
                 if fault.drop_after_chunks is not None and index == fault.drop_after_chunks:
                     raise ConnectionResetError("fake dropped the stream")
                 if index and self.chunk_delay:
                     await asyncio.sleep(self.chunk_delay)
-                yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
+                yield sse_event(chunk)
             completed = True
         finally:
             if completed:
@@ -385,13 +609,20 @@ class FakeGemini:
                 self.streams_abandoned += 1
                 self.abandoned.set()
 
-    def _split(self, response: dict[str, Any]) -> list[dict[str, Any]]:
-        """Cut a whole response into stream chunks with cumulative usage; the last carries finishReason."""
+    def _split(self, model: str, response: dict[str, Any]) -> list[dict[str, Any]]:
+        """Cut a whole response into stream chunks as Gemini streams it.
+
+        Every chunk carries the running ``usageMetadata`` and the last one the ``finishReason``. Gemini 3 moves
+        the signature of a text answer to a last chunk of empty text, and follows a function call with a
+        separate ``{"text": ""}`` chunk that finishes (stream/s09, s11).
+        """
         candidates = response.get("candidates")
         if not candidates:
             return [response]
         candidate = candidates[0]
-        parts = candidate["content"]["parts"]
+        parts = (candidate.get("content") or {}).get("parts")
+        if not parts:
+            return [response]
         usage = response.get("usageMetadata", {})
         texts = [p for p in parts if "text" in p]
         others = [p for p in parts if "text" not in p]
@@ -399,17 +630,26 @@ class FakeGemini:
         for part in texts:
             pieces.extend({"text": t} for t in _pieces(part["text"], self.chunks))
         pieces.extend(others)
+        signed = [p["thoughtSignature"] for p in texts if "thoughtSignature" in p]
+        if model.startswith("gemini-3") and signed:
+            pieces.append({"text": "", "thoughtSignature": signed[-1]})
+        elif model.startswith("gemini-3") and others:
+            pieces.append({"text": ""})
         total_out = usage.get("candidatesTokenCount", 0)
         chunks: list[dict[str, Any]] = []
+        produced = 0
         for i, piece in enumerate(pieces):
             last = i == len(pieces) - 1
-            chunk_usage = {**usage, "candidatesTokenCount": total_out if last else min(i + 1, total_out)}
+            produced += (
+                max(1, _words(piece["text"])) if piece.get("text") else 3 if "functionCall" in piece else 0
+            )
+            chunk_usage = {**usage, "candidatesTokenCount": total_out if last else min(produced, total_out)}
             chunk_usage["totalTokenCount"] = (
                 usage.get("promptTokenCount", 0)
                 + chunk_usage["candidatesTokenCount"]
                 + usage.get("thoughtsTokenCount", 0)
             )
-            out_candidate: dict[str, Any] = {"content": {"role": "model", "parts": [piece]}, "index": 0}
+            out_candidate: dict[str, Any] = {"content": {"parts": [piece], "role": "model"}, "index": 0}
             if last:
                 out_candidate["finishReason"] = candidate.get("finishReason", "STOP")
             chunks.append(
