@@ -40,6 +40,9 @@ class UpstreamFailure:
     status: int | None  # HTTP status; None when no answer came (connection error, timeout)
     description: str
     retry_after: float | None = None  # seconds, from RetryInfo.retryDelay or Retry-After
+    # A 400 about this service rather than the request: its key (API_KEY_INVALID) or where it runs
+    # (FAILED_PRECONDITION). Its client is not told that its request was bad.
+    gateway_fault: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,13 +104,20 @@ def _failure(
 ) -> UpstreamFailure:
     """One error answer: its RetryInfo.retryDelay (a Duration such as "38.601s") wins over Retry-After."""
     retry_after = None
+    gateway_fault = status == "FAILED_PRECONDITION"
     for detail in details:
-        if isinstance(detail, dict) and str(detail.get("@type", "")).endswith("google.rpc.RetryInfo"):
+        if not isinstance(detail, dict):
+            continue
+        kind = str(detail.get("@type", ""))
+        if kind.endswith("google.rpc.RetryInfo"):
             retry_after = parse_duration(detail.get("retryDelay"))
+        elif kind.endswith("google.rpc.ErrorInfo") and detail.get("reason") == "API_KEY_INVALID":
+            gateway_fault = True  # a wrong or expired key is a 400 INVALID_ARGUMENT too
     if retry_after is None:
         retry_after = parse_retry_after(retry_after_header)
     named = f" {status}" if status else ""
-    return UpstreamFailure(code, f"Gemini answered {code}{named}: {message or '(no message)'}", retry_after)
+    description = f"Gemini answered {code}{named}: {message or '(no message)'}"
+    return UpstreamFailure(code, description, retry_after, gateway_fault)
 
 
 def _sdk_failure(exc: genai_errors.APIError) -> UpstreamFailure:
@@ -128,6 +138,8 @@ def client_status(failure: UpstreamFailure) -> int:
     """The HTTP status this service answers with for an upstream failure."""
     if failure.status is None:
         return 504 if "in time" in failure.description else 502
+    if failure.gateway_fault:
+        return 502
     return _CLIENT_STATUS.get(failure.status, 502)
 
 

@@ -256,17 +256,23 @@ def _first_candidate(response: dict[str, Any]) -> dict[str, Any] | None:
 def check_response(response: dict[str, Any]) -> str | None:
     """Raise UpstreamError for a blocked prompt or a failed finish; return the finish reason if any."""
     feedback = _field(response, "promptFeedback", dict, "promptFeedback")
-    if feedback and feedback.get("blockReason"):
-        reason = str(feedback["blockReason"])
+    candidate = _first_candidate(response)
+    # A blocked prompt has a blockReason and no candidates; without candidates, a blockReasonMessage alone is one too.
+    if feedback and (
+        feedback.get("blockReason") or (candidate is None and feedback.get("blockReasonMessage"))
+    ):
+        reason = f" ({feedback['blockReason']})" if feedback.get("blockReason") else ""
         message = feedback.get("blockReasonMessage")
         detail = f": {message}" if message else ""
-        raise UpstreamError(f"Gemini blocked the prompt ({reason}){detail}", status_code=400)
-    candidate = _first_candidate(response)
+        raise UpstreamError(f"Gemini blocked the prompt{reason}{detail}", status_code=400)
     if candidate is None or not candidate.get("finishReason"):
         return None
     name = str(candidate["finishReason"])
     if name not in OK_FINISH_REASONS:
-        explained = _FINISH_EXPLAINED.get(name, "see Gemini's finish reasons")
+        # Gemini's own finishMessage, when it sends one, says more than the reason's name.
+        message = candidate.get("finishMessage")
+        explained = message if isinstance(message, str) and message.strip() else None
+        explained = explained or _FINISH_EXPLAINED.get(name, "see Gemini's finish reasons")
         raise UpstreamError(
             f"Gemini stopped the response with finish reason {name}: {explained}",
             status_code=400 if name in _CONTENT_POLICY else 502,
@@ -315,6 +321,10 @@ def response_parts(response: dict[str, Any]) -> tuple[str, list[FunctionCall]]:
 
 def to_generation(response: dict[str, Any]) -> Generation:
     finish = check_response(response)
+    if _first_candidate(response) is None:
+        raise UpstreamError(
+            "Gemini answered without a candidate (no text, no function call)", status_code=502
+        )
     text, calls = response_parts(response)
     input_tokens, output_tokens = usage_tokens(response)
     return Generation(
