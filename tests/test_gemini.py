@@ -653,7 +653,7 @@ async def test_no_key_means_not_configured(tmp_path: Path) -> None:
             assert response.status_code == 400
             assert "not configured on this server" in response.json()["error"]
             ready = (await client.get("/readyz")).json()
-        assert ready["checks"]["providers"] == {"gemini": False}
+        assert ready["checks"]["providers"] == {"gemini": "not configured"}
         assert fake.generate_requests == []
         assert await balance(server, account) == 10
 

@@ -69,6 +69,16 @@ class RateLimiter:
             await self._pool.aclose()
 
     @property
+    def shared(self) -> bool:
+        """Whether limits are meant to be shared through Redis."""
+        return self._shared is not None
+
+    async def ping(self) -> None:
+        """Raise unless the configured Redis answers a PING (nothing to check without one)."""
+        if self._pool is not None:
+            await aioredis.Redis(connection_pool=self._pool).ping()
+
+    @property
     def backend(self) -> str:
         if self._shared is None:
             return "memory"

@@ -75,6 +75,7 @@ class Services:
     worker_id: str
     background: list[asyncio.Task[None]] = field(default_factory=list)
     listener: Listener | None = None
+    provider_errors: dict[str, str] = field(default_factory=dict)  # why a provider failed to open
     _sending: bool = False
 
     @classmethod
@@ -161,6 +162,7 @@ class Services:
                 await provider.open()
             except Exception as exc:
                 log.error("provider %s failed to load: %s", name, exc)
+                self.provider_errors[name] = f"failed to load: {exc}"
 
     async def start_worker(self) -> None:
         self.background.append(asyncio.create_task(self.worker.run(), name="textgen-worker"))

@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     idempotency_ttl_seconds: float = Field(
         86400.0, gt=0, description="an Idempotency-Key answers with its first task for this long (24 h)"
     )
+    readiness_timeout_seconds: float = Field(
+        2.0, gt=0, description="`GET /readyz` gives each check (database, Redis, providers) this long"
+    )
     db_pool_size: int = Field(10, ge=1, description="PostgreSQL connections per process")
     db_max_overflow: int = Field(10, ge=0, description="extra PostgreSQL connections under load")
 

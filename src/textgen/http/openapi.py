@@ -252,9 +252,15 @@ def build_openapi() -> dict[str, Any]:
         },
         "/readyz": {
             "get": {
-                "summary": "Database reachable and models usable",
+                "summary": "Database, Redis and providers each checked within the readiness timeout",
                 "operationId": "readyz",
-                "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}},
+                "responses": {
+                    "200": {"description": 'ready: `{"status": "ready", "checks": {...}}`'},
+                    "503": {
+                        "description": "not ready (the database failed or no provider is usable); "
+                        "`checks` names what failed"
+                    },
+                },
             }
         },
         "/metrics": {

@@ -10,10 +10,11 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from textgen import idempotency
-from textgen.errors import BadRequest, StorageUnavailable, TextgenError
+from textgen.errors import BadRequest, TextgenError
 from textgen.presentation import credits_json, task_json, task_page
 from textgen.protocol import ModelInfo, ModelList, TextGenRequest
 from textgen.ratelimit import Quota
+from textgen.readiness import readiness
 from textgen.services import Services
 from textgen.states import TaskStatus
 from textgen.storage.rows import AccountRow
@@ -155,21 +156,7 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    svc = services(request)
-    checks: dict[str, Any] = {}
-    ready = True
-    try:
-        await svc.storage.db.ping()
-        checks["database"] = "ok"
-    except StorageUnavailable as exc:
-        checks["database"] = exc.message
-        ready = False
-    checks["providers"] = {name: p.available() for name, p in svc.registry.providers.items()}
-    if not any(checks["providers"].values()):
-        ready = False
-    checks["rate_limits"] = svc.limiter.backend
-    if svc.limiter.degraded_reason:
-        checks["rate_limits_error"] = svc.limiter.degraded_reason
+    ready, checks = await readiness(services(request))
     body = {"status": "ready" if ready else "not ready", "checks": checks}
     return JSONResponse(
         body, status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "5"}
