@@ -4,23 +4,42 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import resource
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import embedded, machine, peer, queue, report, soak, streaming
+from bench import embedded, machine, peer, profile, queue, report, soak, streaming
 from bench.load import Latency, Throughput, run_wrk, sdk_latency, sequential_latency
-from bench.procs import ROOT, ProcessGroup, process_group
-from bench.stack import FAKE_KEY, MODEL, PROMPT, start_upstream, textgen_body, textgen_on, upstream_body
+from bench.procs import ROOT, CpuMeter, ProcessGroup, process_group
+from bench.stack import (
+    FAKE_KEY,
+    MODEL,
+    PROMPT,
+    Config,
+    Textgen,
+    Upstream,
+    start_upstream,
+    textgen_body,
+    textgen_config,
+    textgen_on,
+    upstream_body,
+)
+from bench.workload import closed_loop, closed_loop_summary, task_burst
 
-SECTIONS = ["overhead", "streaming", "queue", "embedded", "soak"]
+# tasks, sync and streams run against the same realistic upstream, on one textgen per configuration.
+REALISTIC = ["tasks", "sync", "streams"]
+SECTIONS = ["overhead", *REALISTIC, "queue", "embedded", "soak"]
 
 
 @dataclass
@@ -28,23 +47,36 @@ class Plan:
     latency_requests: int = 300
     latency_warmup: int = 50
     wrk_seconds: float = 15.0
-    concurrencies: tuple[int, ...] = (32, 128)
-    stream_sequential: int = 30
-    stream_steps: tuple[int, ...] = (100, 250, 500, 1000, 2000, 5000)
-    queue_tasks: int = 500
-    queue_workers: tuple[int, ...] = (1, 2, 4)
+    concurrencies: tuple[int, ...] = (16, 32)
+    configs: tuple[str, ...] = ("sqlite", "pg1", "pg2", "pg4")
+    answer_delay_ms: float = 2000.0  # the realistic upstream answers generateContent after this
+    stream_chunks: int = 20  # ... and streams this many chunks
+    chunk_delay_ms: float = 100.0  # ... this far apart
+    burst_tasks: int = 1000
+    sync_connections: int = 256
+    sync_seconds: float = 20.0
+    streams: int = 1000
+    stream_ramp_seconds: float = 1.0
+    queue_tasks: int = 1000
     embedded_tokens: int = 256
     embedded_rounds: int = 5
     soak_seconds: float = 600.0
 
     @classmethod
     def quick(cls) -> Plan:
+        """Every section in seconds: small counts, a faster realistic upstream, SQLite and PostgreSQL with 2."""
         return cls(
             latency_requests=30,
             latency_warmup=5,
             wrk_seconds=2.0,
-            stream_sequential=3,
-            stream_steps=(20, 50),
+            configs=("sqlite", "pg2"),
+            answer_delay_ms=200.0,
+            chunk_delay_ms=20.0,
+            burst_tasks=60,
+            sync_connections=32,
+            sync_seconds=2.0,
+            streams=40,
+            stream_ramp_seconds=0.2,
             queue_tasks=60,
             embedded_tokens=16,
             embedded_rounds=1,
@@ -58,8 +90,10 @@ class Context:
     group: ProcessGroup
     workdir: Path
     with_litellm: bool
+    profile_dir: Path | None = None  # record py-spy profiles there (--profile)
     results: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # sections or configurations that could not be measured
 
 
 def _latency(lat: Latency) -> dict[str, Any]:
@@ -69,19 +103,30 @@ def _latency(lat: Latency) -> dict[str, Any]:
     return out
 
 
-def _throughput(t: Throughput) -> dict[str, Any]:
-    return {
+def _throughput(t: Throughput, cpu: CpuMeter, upstream_cpu: CpuMeter | None) -> dict[str, Any]:
+    out = {
         "rps": t.requests_per_second,
         "p50": t.p50_ms,
         "p99": t.p99_ms,
         "requests": t.requests,
         "errors": t.errors,
+        "cpu_ms_per_request": cpu.ms_per(t.requests),
     }
+    if upstream_cpu is not None:
+        out["upstream_cpu_ms_per_request"] = upstream_cpu.ms_per(t.requests)
+    return out
 
 
 def measure_path(
-    ctx: Context, label: str, url: str, body: dict[str, Any], headers: dict[str, str]
+    ctx: Context,
+    label: str,
+    url: str,
+    body: dict[str, Any],
+    headers: dict[str, str],
+    pids: list[int],
+    upstream: Upstream | None,
 ) -> dict[str, Any]:
+    """c=1 latency, then wrk at each concurrency with the CPU of ``pids`` (and of the upstream) over each run."""
     plan = ctx.plan
     lat = asyncio.run(
         sequential_latency(url, body, headers, requests=plan.latency_requests, warmup=plan.latency_warmup)
@@ -92,10 +137,16 @@ def measure_path(
         head += f" (x-textgen-overhead-ms p50 {lat.overhead_p50:.2f}, p99 {lat.overhead_p99:.2f})"
     print(head, flush=True)
     for c in plan.concurrencies:
+        cpu = CpuMeter(pids).start()
+        upstream_cpu = CpuMeter([upstream.proc.pid]).start() if upstream else None
         t = run_wrk(url, body, headers, connections=c, seconds=plan.wrk_seconds)
-        out[f"c{c}"] = _throughput(t)
+        cpu.stop()
+        if upstream_cpu is not None:
+            upstream_cpu.stop()
+        out[f"c{c}"] = result = _throughput(t, cpu, upstream_cpu)
         print(
-            f"  {label}: c={c} {t.requests_per_second:,.0f} req/s, p99 {t.p99_ms:.1f} ms, errors {t.errors}",
+            f"  {label}: c={c} {t.requests_per_second:,.0f} req/s, p99 {t.p99_ms:.1f} ms, "
+            f"CPU {report.ms(result['cpu_ms_per_request'])} per request, errors {t.errors}",
             flush=True,
         )
     return out
@@ -106,7 +157,13 @@ def bench_overhead(ctx: Context) -> None:
     up = start_upstream(ctx.group, "fake-overhead")
     res: dict[str, Any] = {}
     res["direct"] = measure_path(
-        ctx, "direct HTTP", up.generate_url, upstream_body(), {"x-goog-api-key": FAKE_KEY}
+        ctx,
+        "direct HTTP",
+        up.generate_url,
+        upstream_body(),
+        {"x-goog-api-key": FAKE_KEY},
+        [up.proc.pid],
+        None,
     )
     sdk = asyncio.run(
         sdk_latency(up.url, MODEL, PROMPT, requests=ctx.plan.latency_requests, warmup=ctx.plan.latency_warmup)
@@ -118,17 +175,25 @@ def bench_overhead(ctx: Context) -> None:
             with textgen_on(ctx.group, backend, up, ctx.workdir, f"textgen-{backend}") as tg:
                 url = f"{tg.url}/sse/text_generator/"
                 res[key] = measure_path(
-                    ctx, f"textgen ({tg.backend})", url, textgen_body(sync=True), tg.headers
+                    ctx, f"textgen ({tg.backend})", url, textgen_body(sync=True), tg.headers, tg.pids, up
                 )
                 res[key]["backend"] = tg.backend
         except Exception as exc:  # one configuration failing must not lose the others
+            ctx.failed.append(f"overhead on {backend}")
             ctx.notes.append(f"textgen on {backend} could not be measured: {str(exc)[-500:]}")
             print(f"!! textgen on {backend} failed: {exc}", flush=True)
     if ctx.with_litellm:
         try:
             with peer.litellm_proxy(ctx.group, ctx.workdir, up) as lite:
+                assert lite.proc is not None
                 res["litellm"] = measure_path(
-                    ctx, f"LiteLLM {lite.version}", lite.chat_url, peer.body(), lite.headers
+                    ctx,
+                    f"LiteLLM {lite.version}",
+                    lite.chat_url,
+                    peer.body(),
+                    lite.headers,
+                    [lite.proc.pid],
+                    up,
                 )
                 res["litellm"].update(version=lite.version, mode=lite.mode)
                 ctx.notes.extend(lite.notes)
@@ -139,89 +204,173 @@ def bench_overhead(ctx: Context) -> None:
     ctx.results["overhead"] = res
 
 
-def bench_streaming(ctx: Context) -> None:
-    print("== streaming: paced fake upstream, 64 chunks 20 ms apart", flush=True)
+@contextmanager
+def _profiled(ctx: Context, tg: Textgen, config: Config, label: str) -> Iterator[dict[str, Any]]:
+    """py-spy on every textgen process while the block runs, when --profile asked for it."""
+    found: dict[str, Any] = {}
+    if ctx.profile_dir is None:
+        yield found
+        return
+    names = ["api" if config.backend != "sqlite" else "serve"] + [
+        f"worker{i}" for i in range(len(tg.workers))
+    ]
+    with profile.record(
+        list(zip(names, tg.pids, strict=True)), ctx.profile_dir, f"{config.key}-{label}"
+    ) as runs:
+        yield found
+    found["profiles"] = [profile.summary(p) for p in runs]
+
+
+def bench_realistic(ctx: Context, parts: list[str]) -> None:
+    """The tasks, sync and streams sections against the realistic upstream, one textgen per configuration."""
     plan = ctx.plan
-    up = start_upstream(ctx.group, "fake-paced", chunks=64, delay_ms=20)
-    res: dict[str, Any] = {}
-    body = {"contents": [{"role": "user", "parts": [{"text": PROMPT}]}]}
-    headers = {"x-goog-api-key": FAKE_KEY}
-    single = streaming.run_client(up.stream_url, body, headers, plan.stream_sequential, sequential=True)
-    res["direct_single"] = _stream_summary(single)
-    res["direct_capacity"] = _capacity(
-        streaming.step_up(up.stream_url, body, headers, list(plan.stream_steps), up.proc.pid, "direct")
-    )
-    with textgen_on(ctx.group, "sqlite", up, ctx.workdir, "textgen-stream") as tg:
-        url = f"{tg.url}/sse/text_generator/stream/"
-        single = streaming.run_client(
-            url, textgen_body(), tg.headers, plan.stream_sequential, sequential=True
-        )
-        res["textgen_single"] = _stream_summary(single)
-        res["textgen_capacity"] = _capacity(
-            streaming.step_up(
-                url, textgen_body(), tg.headers, list(plan.stream_steps), tg.proc.pid, "textgen"
-            )
-        )
-    ctx.group.stop(up.proc)
-    d, t = res["direct_single"], res["textgen_single"]
     print(
-        f"  added time to first chunk p50 {t['ttfc_p50'] - d['ttfc_p50']:.2f} ms; "
-        f"inter-chunk p99 {t['gap_p99']:.1f} ms vs {d['gap_p99']:.1f} ms direct",
+        f"== realistic upstream ({', '.join(parts)}): answers after {plan.answer_delay_ms:g} ms, streams "
+        f"{plan.stream_chunks} chunks {plan.chunk_delay_ms:g} ms apart",
         flush=True,
     )
-    ctx.results["streaming"] = res
-
-
-def _stream_summary(run: streaming.StreamRun) -> dict[str, Any]:
-    from bench.stats import percentile
-
-    return {
-        "streams": run.streams,
-        "ttfc_p50": percentile(run.ttfc, 50),
-        "ttfc_p99": percentile(run.ttfc, 99),
-        "gap_p50": percentile(run.gaps, 50),
-        "gap_p99": run.gap_p99,
-        "errors": run.errors,
-        "rss_per_stream_kib": run.rss_per_stream_kib,
-        "peak_rss_kib": run.peak_rss_kib,
-        "held": run.held,
-        "first_error": run.first_error,
+    up = start_upstream(
+        ctx.group,
+        "fake-realistic",
+        chunks=plan.stream_chunks,
+        delay_ms=plan.chunk_delay_ms,
+        answer_delay_ms=plan.answer_delay_ms,
+        stream_delay_ms=0,
+    )
+    upstream = {
+        "answer_delay_ms": plan.answer_delay_ms,
+        "chunks": plan.stream_chunks,
+        "chunk_delay_ms": plan.chunk_delay_ms,
     }
+    out: dict[str, dict[str, Any]] = {part: {"upstream": upstream, "runs": []} for part in parts}
+    stream_body = {"contents": [{"role": "user", "parts": [{"text": PROMPT}]}]}
+    direct_headers = {"x-goog-api-key": FAKE_KEY}
+    if "sync" in parts:
+        run = asyncio.run(
+            closed_loop(
+                up.generate_url,
+                upstream_body(),
+                direct_headers,
+                connections=plan.sync_connections,
+                seconds=plan.sync_seconds,
+                warmup=plan.answer_delay_ms / 1000 + 1,
+                watch_pids=[up.proc.pid],
+            )
+        )
+        out["sync"]["direct"] = closed_loop_summary(run)
+        print(
+            f"  direct: {plan.sync_connections} connections {run.requests_per_second:,.1f} req/s", flush=True
+        )
+    if "streams" in parts:
+        run_s = streaming.run_client(
+            up.stream_url,
+            stream_body,
+            direct_headers,
+            plan.streams,
+            ramp_seconds=plan.stream_ramp_seconds,
+            watch_pids=[up.proc.pid],
+        )
+        out["streams"]["direct"] = streaming.summary(run_s)
+        print(
+            f"  direct: {plan.streams} streams, first chunk p50 {report.ms(out['streams']['direct']['ttfc_p50'])}, "
+            f"p99 gap {report.ms(run_s.gap_p99)}, errors {run_s.errors}",
+            flush=True,
+        )
+    for text in plan.configs:
+        config = Config.parse(text)
+        try:
+            with textgen_config(ctx.group, config, up, ctx.workdir, f"textgen-realistic-{config.key}") as tg:
+                _realistic_config(ctx, parts, config, tg, up, out)
+        except Exception as exc:
+            ctx.failed.append(f"{'/'.join(parts)} on {config.key}")
+            ctx.notes.append(
+                f"{config.label} could not be measured against the realistic upstream: {str(exc)[-500:]}"
+            )
+            print(f"!! {config.label} failed:\n{traceback.format_exc()}", flush=True)
+    ctx.group.stop(up.proc)
+    for part in parts:
+        ctx.results[part] = out[part]
 
 
-def _capacity(cap: streaming.Capacity) -> dict[str, Any]:
-    held = cap.held
-    return {
-        "steps": [_stream_summary(s) for s in cap.steps],
-        "held": held.streams if held else 0,
-        "rss_per_stream_kib": held.rss_per_stream_kib if held else None,
-    }
+def _realistic_config(
+    ctx: Context, parts: list[str], config: Config, tg: Textgen, up: Upstream, out: dict[str, dict[str, Any]]
+) -> None:
+    plan = ctx.plan
+    base = {"config": config.key, "label": config.label, "backend": tg.backend, "workers": config.workers}
+    if "tasks" in parts:
+        with _profiled(ctx, tg, config, "tasks") as prof:
+            burst = asyncio.run(task_burst(tg, up.proc.pid, plan.burst_tasks))
+        row = base | burst.__dict__ | {"cpu_ms_per_task": burst.cpu_ms_per_task} | prof
+        out["tasks"]["runs"].append(row)
+        print(
+            f"  {config.label}: {plan.burst_tasks} tasks, first created -> last finished "
+            f"{report.seconds(burst.seconds)}, {burst.statuses}, CPU {report.ms(burst.cpu_ms_per_task)} per task",
+            flush=True,
+        )
+        time.sleep(1)
+    if "sync" in parts:
+        run = asyncio.run(
+            closed_loop(
+                f"{tg.url}/sse/text_generator/",
+                textgen_body(sync=True),
+                tg.headers,
+                connections=plan.sync_connections,
+                seconds=plan.sync_seconds,
+                warmup=plan.answer_delay_ms / 1000 + 1,
+                watch_pids=tg.pids,
+            )
+        )
+        out["sync"]["runs"].append(base | closed_loop_summary(run))
+        print(
+            f"  {config.label}: {plan.sync_connections} connections {run.requests_per_second:,.1f} req/s, "
+            f"CPU {report.ms(run.cpu_ms_per_request)} per request, errors {run.errors}",
+            flush=True,
+        )
+        time.sleep(1)
+    if "streams" in parts:
+        with _profiled(ctx, tg, config, "streams") as prof:
+            run_s = streaming.run_client(
+                f"{tg.url}/sse/text_generator/stream/",
+                textgen_body(),
+                tg.headers,
+                plan.streams,
+                ramp_seconds=plan.stream_ramp_seconds,
+                watch_pids=[tg.proc.pid],
+                cpu_pids=tg.pids,
+            )
+        row = base | streaming.summary(run_s) | prof
+        out["streams"]["runs"].append(row)
+        print(
+            f"  {config.label}: {plan.streams} streams, first chunk p50 {report.ms(row['ttfc_p50'])}, "
+            f"p99 gap {report.ms(row['gap_p99'])}, RSS/stream {report.fmt(row['rss_per_stream_kib'], 1)} KiB, "
+            f"errors {run_s.errors}",
+            flush=True,
+        )
 
 
 def bench_queue(ctx: Context) -> None:
-    print("== async queue: create -> done -> webhook delivered", flush=True)
+    print("== async queue: create -> done -> webhook delivered, zero-latency upstream", flush=True)
     up = start_upstream(ctx.group, "fake-queue")
     runs = []
-    for backend in ("sqlite", "postgres"):
-        for n in ctx.plan.queue_workers:
-            with textgen_on(
-                ctx.group,
-                backend,
-                up,
-                ctx.workdir,
-                f"textgen-queue-{backend}-{n}",
-                api_worker=False,
-                workers=n,
-            ) as tg:
-                run = asyncio.run(queue.run_queue(tg, ctx.plan.queue_tasks))
-            print(
-                f"  {run.backend}, {n} worker process(es): {run.done_per_second:,.0f} tasks/s done, "
-                f"{run.delivered_per_second:,.0f}/s webhook delivered, errors {run.errors}",
-                flush=True,
-            )
-            runs.append(queue.summary(run))
+    for text in ctx.plan.configs:
+        config = Config.parse(text)
+        try:
+            with textgen_config(ctx.group, config, up, ctx.workdir, f"textgen-queue-{config.key}") as tg:
+                run = asyncio.run(queue.run_queue(tg, up.proc.pid, ctx.plan.queue_tasks))
+        except Exception as exc:
+            ctx.failed.append(f"queue on {config.key}")
+            ctx.notes.append(f"The queue on {config.label} could not be measured: {str(exc)[-500:]}")
+            print(f"!! {config.label} failed:\n{traceback.format_exc()}", flush=True)
+            continue
+        print(
+            f"  {config.label}: {run.done_per_second:,.0f} tasks/s done, "
+            f"{run.delivered_per_second:,.0f}/s webhook delivered, CPU {report.ms(run.cpu_ms_per_task)} per task, "
+            f"errors {run.errors}",
+            flush=True,
+        )
+        runs.append({"config": config.key, "label": config.label} | queue.summary(run))
     ctx.group.stop(up.proc)
-    ctx.results["queue"] = runs
+    ctx.results["queue"] = {"runs": runs}
 
 
 def bench_embedded(ctx: Context) -> None:
@@ -272,63 +421,124 @@ def bench_soak(ctx: Context) -> None:
 
 RUNNERS = {
     "overhead": bench_overhead,
-    "streaming": bench_streaming,
     "queue": bench_queue,
     "embedded": bench_embedded,
     "soak": bench_soak,
 }
 
 
+def _steps(only: list[str] | None) -> list[tuple[str, list[str]]]:
+    """The sections in order, the realistic ones run together (one textgen per configuration for all three)."""
+    chosen = [name for name in SECTIONS if name in (only or SECTIONS)]
+    steps: list[tuple[str, list[str]]] = []
+    for name in chosen:
+        if name in REALISTIC:
+            if not any(step == "realistic" for step, _ in steps):
+                steps.append(("realistic", [n for n in chosen if n in REALISTIC]))
+        else:
+            steps.append((name, [name]))
+    return steps
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="a short smoke run of every benchmark")
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run of every benchmark, in seconds each"
+    )
     parser.add_argument("--soak-seconds", type=float, help="soak duration (default 600, 20 with --quick)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these benchmarks")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        type=Config.parse,
+        help="deployments for tasks, sync, streams and queue: sqlite, pgN (default sqlite pg1 pg2 pg4; "
+        "--quick: sqlite pg2)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy profiles during the tasks and streams runs"
+    )
     parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM peer")
-    parser.add_argument("--output", type=Path, default=ROOT / "docs", help="where benchmarks.md/.png go")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="where benchmarks.md, .json and .png go (default docs/; with --quick, the results directory)",
+    )
+    parser.add_argument(
+        "--results", type=Path, default=ROOT / "bench" / "results", help="where results.json and logs go"
+    )
     args = parser.parse_args(argv)
     plan = Plan.quick() if args.quick else Plan()
     if args.soak_seconds is not None:
         plan.soak_seconds = args.soak_seconds
+    if args.configs:
+        plan.configs = tuple(c.key for c in args.configs)
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # thousands of streams need descriptors
     command = shlex.join(["python", "-m", "bench", *(argv if argv is not None else sys.argv[1:])])
     info = machine.describe()
+    info["open files limit"] = f"{hard} (raised from the soft limit for every process the bench starts)"
     started = time.time()
-    failed: list[str] = []
+    results_dir: Path = args.results
     with tempfile.TemporaryDirectory(prefix="textgen-bench-") as tmp:
         workdir = Path(tmp)
-        with process_group(ROOT / "bench" / "results" / "logs") as group:
+        with process_group(results_dir / "logs") as group:
             ctx = Context(plan, group, workdir, with_litellm=not args.no_litellm)
-            for name in args.only or SECTIONS:
+            if args.profile:
+                ctx.profile_dir = results_dir / "profiles"
+            for name, parts in _steps(args.only):
                 try:
-                    RUNNERS[name](ctx)
+                    if name == "realistic":
+                        bench_realistic(ctx, parts)
+                    else:
+                        RUNNERS[name](ctx)
                 except Exception:
-                    failed.append(name)
+                    ctx.failed.append(name)
                     print(f"!! {name} failed:\n{traceback.format_exc()}", flush=True)
                     ctx.notes.append(
                         f"The {name} benchmark failed in this run: {traceback.format_exc(limit=1).strip()[-500:]}"
                     )
     elapsed = time.time() - started
-    results_dir = ROOT / "bench" / "results"
-    results_dir.mkdir(exist_ok=True)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    output: Path = args.output or (results_dir if args.quick else ROOT / "docs")
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    date = dt.date.today().isoformat()
+    for section in ctx.results.values():
+        section["measured"] = {"date": date, "commit": commit, "command": command}
+    results = dict(ctx.results)
+    previous = output / "benchmarks.json"
+    if args.only and previous.exists():  # the sections not re-run keep their last figures
+        for name, section in json.loads(previous.read_text()).get("results", {}).items():
+            results.setdefault(name, section)
+    results = {name: results[name] for name in SECTIONS if name in results}
     raw = {
         "command": command,
+        "date": date,
+        "commit": commit,
         "machine": info,
         "plan": plan.__dict__,
-        "results": ctx.results,
+        "results": results,
         "notes": ctx.notes,
         "elapsed_seconds": elapsed,
         "quick": args.quick,
+        "profiled": args.profile,
     }
-    (results_dir / "results.json").write_text(json.dumps(raw, indent=1, default=str))
-    args.output.mkdir(parents=True, exist_ok=True)
-    report.write(raw, args.output / "benchmarks.md", args.output / "benchmarks.png")
+    text = json.dumps(raw, indent=1, default=str)
+    (results_dir / "results.json").write_text(text)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "benchmarks.json").write_text(text + "\n")
+    report.write(raw, output / "benchmarks.md", output / "benchmarks.png")
     print(
-        f"wrote {args.output / 'benchmarks.md'} and {args.output / 'benchmarks.png'} in {elapsed:.0f} s",
+        f"wrote {output / 'benchmarks.md'}, .json and .png in {elapsed:.0f} s",
         flush=True,
     )
-    return 1 if failed else 0
+    if ctx.failed:
+        print(f"!! failed: {', '.join(ctx.failed)}", flush=True)
+    return 1 if ctx.failed else 0
 
 
 if __name__ == "__main__":

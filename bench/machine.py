@@ -7,6 +7,8 @@ import os
 import platform
 import subprocess
 
+from bench.procs import ROOT
+
 
 def _cpu_model() -> str:
     try:
@@ -36,7 +38,7 @@ def _version(command: list[str]) -> str:
 
 
 def describe() -> dict[str, str]:
-    packages = ["uvicorn", "starlette", "google-genai", "llama_cpp_python", "sqlalchemy", "httpx"]
+    packages = ["uvicorn", "starlette", "aiohttp", "google-genai", "llama_cpp_python", "sqlalchemy", "httpx"]
     versions = {}
     for name in packages:
         try:
@@ -49,7 +51,7 @@ def describe() -> dict[str, str]:
         "ram": f"{_ram_gib():.1f} GiB",
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
-        "textgen": importlib.metadata.version("textgen"),
+        "textgen": f"{importlib.metadata.version('textgen')} ({_version(['git', '-C', str(ROOT), 'describe', '--always', '--dirty'])})",
         "packages": ", ".join(f"{k} {v}" for k, v in versions.items()),
         "postgresql": _version(["psql", "--version"]),
         "redis": _version(["redis-server", "--version"]),

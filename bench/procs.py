@@ -111,3 +111,73 @@ def process_group(logs: Path) -> Iterator[ProcessGroup]:
 
 def python_module(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat") as stat:
+        text = stat.read()
+    return text[text.rindex(")") + 2 :].split()  # the command name may hold spaces and parentheses
+
+
+def descendants(pids: list[int]) -> list[int]:
+    """The processes and every process below them (uvicorn's workers, a pool's children), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            ppid = int(_stat_fields(int(entry))[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found: list[int] = []
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid in found:
+            continue
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of one process (all its threads) so far, from /proc/PID/stat; 0 once it is gone."""
+    try:
+        fields = _stat_fields(pid)
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
+
+
+def rss_total_kib(pids: list[int]) -> int:
+    """Resident memory of the processes and their descendants."""
+    total = 0
+    for pid in descendants(pids):
+        with contextlib.suppress(OSError):
+            total += rss_kib(pid)
+    return total
+
+
+class CpuMeter:
+    """CPU seconds spent by some processes (and their descendants) between ``start()`` and ``stop()``."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.before: dict[int, float] = {}
+        self.seconds = 0.0
+
+    def start(self) -> CpuMeter:
+        self.before = {pid: cpu_seconds(pid) for pid in descendants(self.pids)}
+        return self
+
+    def stop(self) -> float:
+        after = {pid: cpu_seconds(pid) for pid in descendants(self.pids)}
+        self.seconds = sum(after[pid] - self.before.get(pid, 0.0) for pid in after)
+        return self.seconds
+
+    def ms_per(self, count: int) -> float | None:
+        return self.seconds * 1000 / count if count else None

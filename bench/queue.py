@@ -10,11 +10,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import sqlalchemy as sa
 
-from bench.procs import LOOPBACK
+from bench.procs import LOOPBACK, CpuMeter
 from bench.stack import Textgen, textgen_body
+from bench.workload import create_tasks
 
 
 class WebhookReceiver:
@@ -86,6 +86,9 @@ class QueueRun:
     done_per_second: float
     delivered_per_second: float
     errors: int
+    first_error: str | None
+    cpu_ms_per_task: float | None  # every textgen process, first create to last webhook delivered
+    upstream_cpu_ms_per_task: float | None
 
 
 async def _done_times(server: Textgen) -> list[dt.datetime]:
@@ -103,45 +106,36 @@ async def _done_times(server: Textgen) -> list[dt.datetime]:
 
 
 async def run_queue(
-    server: Textgen, tasks: int, *, create_concurrency: int = 32, within: float = 300
+    server: Textgen, upstream_pid: int, tasks: int, *, create_concurrency: int = 32, within: float = 300
 ) -> QueueRun:
     """Create ``tasks`` async tasks with a webhook each, as fast as the API takes them, and time the drain."""
-    errors = 0
     async with WebhookReceiver() as receiver:
-        payload = json.dumps(textgen_body(webhook_url=receiver.url)).encode()
-        headers = {"content-type": "application/json", **server.headers}
-        queue: asyncio.Queue[int] = asyncio.Queue()
-        for i in range(tasks):
-            queue.put_nowait(i)
-        limits = httpx.Limits(max_connections=create_concurrency)
-        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as client:
-
-            async def creator() -> None:
-                nonlocal errors
-                while not queue.empty():
-                    queue.get_nowait()
-                    response = await client.post("/sse/text_generator/", content=payload, headers=headers)
-                    if response.status_code != 201:
-                        errors += 1
-
-            started = time.time()
-            await asyncio.gather(*(creator() for _ in range(create_concurrency)))
-            created = time.time()
-            if not await receiver.wait_for(tasks - errors, within):
-                errors += tasks - errors - len(receiver.arrivals)
+        cpu, upstream_cpu = CpuMeter(server.pids).start(), CpuMeter([upstream_pid]).start()
+        created = await create_tasks(
+            server, tasks, textgen_body(webhook_url=receiver.url), concurrency=create_concurrency
+        )
+        errors = created.errors
+        if not await receiver.wait_for(len(created.ids), within):
+            errors += len(created.ids) - len(receiver.arrivals)
+        cpu.stop()
+        upstream_cpu.stop()
     done = await _done_times(server)
     if len(done) < tasks:
         errors = max(errors, tasks - len(done))
+    started = created.started
     last_done = max(d.timestamp() for d in done) if done else started
     last_hook = max(receiver.arrivals.values()) if receiver.arrivals else started
     return QueueRun(
         backend=server.backend,
         workers=len(server.workers),
         tasks=tasks,
-        create_per_second=tasks / (created - started),
+        create_per_second=len(created.ids) / max(created.finished - started, 1e-6),
         done_per_second=len(done) / max(last_done - started, 1e-6),
         delivered_per_second=len(receiver.arrivals) / max(last_hook - started, 1e-6),
         errors=errors,
+        first_error=created.first_error,
+        cpu_ms_per_task=cpu.ms_per(len(done)),
+        upstream_cpu_ms_per_task=upstream_cpu.ms_per(len(done)),
     )
 
 

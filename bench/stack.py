@@ -19,6 +19,8 @@ from bench.procs import LOOPBACK, ProcessGroup, free_port, python_module
 
 POSTGRES_DSN = os.environ.get("BENCH_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+PG_POOL_SIZE = os.environ.get("BENCH_PG_POOL_SIZE", "8")
+PG_MAX_OVERFLOW = os.environ.get("BENCH_PG_MAX_OVERFLOW", "4")
 FAKE_KEY = "bench-upstream-key"
 MODEL = "gemini-2.5-flash"
 PROMPT = "Write a short tagline for an AI video tool."
@@ -53,16 +55,59 @@ class Textgen:
 
 
 def start_upstream(
-    group: ProcessGroup, name: str, chunks: int | None = None, delay_ms: float = 0
+    group: ProcessGroup,
+    name: str,
+    chunks: int | None = None,
+    delay_ms: float = 0,
+    *,
+    answer_delay_ms: float = 0,
+    stream_delay_ms: float | None = None,
 ) -> Upstream:
+    """The fake Gemini upstream in its own process.
+
+    ``answer_delay_ms``: every answer waits this long (streams too, unless ``stream_delay_ms`` says otherwise);
+    ``chunks`` / ``delay_ms``: streams come in this many chunks this far apart.
+    """
     port = free_port()
     args = ["--port", str(port)]  # any key: LiteLLM sends its own way
     if chunks:
         args += ["--chunks", str(chunks), "--chunk-delay-ms", str(delay_ms)]
+    if answer_delay_ms:
+        args += ["--delay-ms", str(answer_delay_ms)]
+    if stream_delay_ms is not None:
+        args += ["--stream-delay-ms", str(stream_delay_ms)]
     proc = group.start(name, python_module("tests.fakes.fake_gemini", *args))
     url = f"http://{LOOPBACK}:{port}"
     group.wait_http(proc, f"{url}/v1beta/files/none")
     return Upstream(url, proc)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A deployment measured: one ``textgen serve`` on SQLite running its own worker, or on PostgreSQL + Redis an
+    API process (``TEXTGEN_RUN_WORKER=false``) and ``workers`` ``textgen worker`` processes."""
+
+    backend: str  # "sqlite" or "postgres"
+    workers: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> Config:
+        """``sqlite`` or ``pgN`` (N worker processes)."""
+        if text == "sqlite":
+            return cls("sqlite")
+        if text.startswith("pg") and text[2:].isdigit() and int(text[2:]) > 0:
+            return cls("postgres", int(text[2:]))
+        raise ValueError(f"unknown configuration {text!r}: sqlite or pgN")
+
+    @property
+    def key(self) -> str:
+        return "sqlite" if self.backend == "sqlite" else f"pg{self.workers}"
+
+    @property
+    def label(self) -> str:
+        if self.backend == "sqlite":
+            return "SQLite, one `textgen serve`"
+        return f"PostgreSQL, API + {self.workers} worker{'s' if self.workers > 1 else ''}"
 
 
 async def _admin(statement: str) -> None:
@@ -140,7 +185,7 @@ def start_textgen(
     *,
     api_worker: bool = True,
     workers: int = 0,
-    worker_concurrency: int = 16,
+    worker_concurrency: int | None = None,
 ) -> Textgen:
     """Migrate, create an account, start ``textgen serve`` (and ``textgen worker`` processes)."""
     textgen_cli(env, "migrate")
@@ -155,7 +200,11 @@ def start_textgen(
     started = [
         group.start(
             f"{name}-worker{i}",
-            python_module("textgen", "worker", "--concurrency", str(worker_concurrency)),
+            python_module(
+                "textgen",
+                "worker",
+                *(["--concurrency", str(worker_concurrency)] if worker_concurrency else []),
+            ),
             {**env, "TEXTGEN_LOG_LEVEL": "info"},
         )
         for i in range(workers)
@@ -182,6 +231,9 @@ def textgen_on(
             for proc in [*server.workers, server.proc]:
                 group.stop(proc)
         return
+    # PostgreSQL here allows 100 connections, shared with everything else on the machine: every process gets the
+    # same smaller pool, so 5 processes (API + 4 workers) stay within 65.
+    extra = {"TEXTGEN_DB_POOL_SIZE": PG_POOL_SIZE, "TEXTGEN_DB_MAX_OVERFLOW": PG_MAX_OVERFLOW, **extra}
     with postgres_database("textgen") as url:
         env = textgen_env(url.replace("postgresql://", "postgresql+asyncpg://"), upstream, REDIS_URL, **extra)
         server = start_textgen(group, name, env, "PostgreSQL + Redis", **kwargs)  # type: ignore[arg-type]
@@ -190,6 +242,18 @@ def textgen_on(
         finally:
             for proc in [*server.workers, server.proc]:
                 group.stop(proc)
+
+
+@contextmanager
+def textgen_config(
+    group: ProcessGroup, config: Config, upstream: Upstream, workdir: Path, name: str
+) -> Iterator[Textgen]:
+    """textgen deployed as ``config`` says, against ``upstream``."""
+    api_worker = config.backend == "sqlite"
+    with textgen_on(
+        group, config.backend, upstream, workdir, name, api_worker=api_worker, workers=config.workers
+    ) as server:
+        yield server
 
 
 def textgen_body(**extra: object) -> dict[str, object]:

@@ -1,7 +1,9 @@
 """A lean SSE load client on raw asyncio sockets, run as its own process so its CPU is not the server's.
 
 ``python -m bench.streamclient SPEC_JSON`` prints one JSON line: per-stream time to first chunk and the gaps
-between chunks (ms), and errors. SPEC: url, body, headers, streams, ramp_seconds, sequential.
+between chunks (ms), the most streams open at once, and errors. SPEC: url, body, headers, streams, ramp_seconds,
+sequential. When every stream is open at the same moment it writes ``all-open`` on a line of its stderr, so the
+caller can read the server's memory then.
 """
 
 from __future__ import annotations
@@ -18,8 +20,28 @@ from urllib.parse import urlsplit
 MARK = b"data:"
 
 
+class OpenStreams:
+    """How many streams are connected and not yet finished; says ``all-open`` once all ``total`` are."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.open = 0
+        self.most = 0
+
+    def opened(self) -> None:
+        self.open += 1
+        if self.open > self.most:
+            self.most = self.open
+            if self.most == self.total:
+                sys.stderr.write("all-open\n")
+                sys.stderr.flush()
+
+    def closed(self) -> None:
+        self.open -= 1
+
+
 async def one_stream(
-    host: str, port: int, path: str, payload: bytes, headers: dict[str, str]
+    host: str, port: int, path: str, payload: bytes, headers: dict[str, str], streams: OpenStreams
 ) -> dict[str, Any]:
     head = [
         f"POST {path} HTTP/1.1",
@@ -32,6 +54,7 @@ async def one_stream(
     head += [f"{k}: {v}" for k, v in headers.items()]
     started = time.perf_counter()
     reader, writer = await asyncio.open_connection(host, port)
+    streams.opened()
     try:
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + payload)
         await writer.drain()
@@ -49,6 +72,7 @@ async def one_stream(
             arrivals.extend([now] * count)
             tail = window[-(len(MARK) - 1) :]
     finally:
+        streams.closed()
         writer.close()
     if status != 200 or not arrivals:
         return {"error": f"status {status}, {len(arrivals)} chunks"}
@@ -63,11 +87,12 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
     payload = json.dumps(spec["body"]).encode()
     host, port = url.hostname or "127.0.0.1", url.port or 80
     results: list[dict[str, Any]] = []
+    streams = OpenStreams(1 if spec.get("sequential") else spec["streams"])
 
     async def guarded(delay: float) -> None:
         await asyncio.sleep(delay)
         try:
-            results.append(await one_stream(host, port, path, payload, spec["headers"]))
+            results.append(await one_stream(host, port, path, payload, spec["headers"], streams))
         except OSError as exc:
             results.append({"error": repr(exc)})
 
@@ -83,6 +108,7 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
         "ttfc": [r["ttfc"] for r in ok],
         "gaps": [g for r in ok for g in r["gaps"]],
         "chunks": [r["chunks"] for r in ok],
+        "most_open": streams.most,
         "errors": len(errors),
         "first_error": errors[0] if errors else None,
     }

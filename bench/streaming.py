@@ -1,4 +1,4 @@
-"""Streaming: added time to first chunk and inter-chunk latency, concurrent streams held, RSS per stream."""
+"""Concurrent streams: time to first chunk, the gaps between chunks, and the server's memory per open stream."""
 
 from __future__ import annotations
 
@@ -6,14 +6,11 @@ import json
 import subprocess
 import sys
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from bench.procs import ROOT, rss_kib
+from bench.procs import ROOT, CpuMeter, rss_total_kib
 from bench.stats import percentile
-
-GAP_LIMIT_MS = 50.0
 
 
 @dataclass
@@ -21,32 +18,25 @@ class StreamRun:
     streams: int
     ttfc: list[float]
     gaps: list[float]
+    chunks: list[int]
     errors: int
     first_error: str | None
-    peak_rss_kib: int = 0
+    most_open: int
     idle_rss_kib: int = 0
+    all_open_rss_kib: int | None = None  # the server's RSS when every stream was open at once
+    peak_rss_kib: int = 0
+    cpu_seconds: float | None = None  # the server's processes over the run
 
     @property
     def gap_p99(self) -> float:
         return percentile(self.gaps, 99)
 
     @property
-    def held(self) -> bool:
-        return self.errors == 0 and bool(self.gaps) and self.gap_p99 < GAP_LIMIT_MS
-
-    @property
-    def rss_per_stream_kib(self) -> float:
-        return max(self.peak_rss_kib - self.idle_rss_kib, 0) / self.streams
-
-
-@dataclass
-class Capacity:
-    steps: list[StreamRun] = field(default_factory=list)
-
-    @property
-    def held(self) -> StreamRun | None:
-        passed = [s for s in self.steps if s.held]
-        return passed[-1] if passed else None
+    def rss_per_stream_kib(self) -> float | None:
+        """(RSS while all streams are open - idle RSS) / streams; None when they were never all open at once."""
+        if self.all_open_rss_kib is None or not self.streams:
+            return None
+        return max(self.all_open_rss_kib - self.idle_rss_kib, 0) / self.streams
 
 
 def run_client(
@@ -57,9 +47,11 @@ def run_client(
     *,
     sequential: bool = False,
     ramp_seconds: float = 1.0,
-    watch_pid: int | None = None,
+    watch_pids: list[int] | None = None,
+    cpu_pids: list[int] | None = None,
 ) -> StreamRun:
-    """Run the SSE client process; while it runs, sample the server's RSS every 50 ms."""
+    """Run the SSE client process; read the RSS of ``watch_pids`` when all streams are open (and every 50 ms),
+    and the CPU of ``cpu_pids`` (default: the same) over the run."""
     spec = {
         "url": url,
         "body": body,
@@ -68,53 +60,85 @@ def run_client(
         "sequential": sequential,
         "ramp_seconds": ramp_seconds,
     }
-    idle = rss_kib(watch_pid) if watch_pid else 0
+    pids = watch_pids or []
+    idle = rss_total_kib(pids) if pids else 0
     peak = idle
+    all_open: int | None = None
     stop = threading.Event()
+    cpu_of = cpu_pids if cpu_pids is not None else pids
+    cpu = CpuMeter(cpu_of).start() if cpu_of else None
 
     def sample() -> None:
         nonlocal peak
         while not stop.wait(0.05):
-            peak = max(peak, rss_kib(watch_pid))  # type: ignore[arg-type]
+            peak = max(peak, rss_total_kib(pids))
 
     sampler = threading.Thread(target=sample, daemon=True)
-    if watch_pid:
+    if pids:
         sampler.start()
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "bench.streamclient", json.dumps(spec)],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            timeout=600,
-            check=False,
-        )
-    finally:
-        stop.set()
-        if watch_pid:
-            sampler.join()
-    if done.returncode != 0:
-        raise RuntimeError(f"stream client failed: {done.stderr[-2000:]}")
-    out = json.loads(done.stdout)
-    return StreamRun(streams, out["ttfc"], out["gaps"], out["errors"], out["first_error"], peak, idle)
+    stderr: list[str] = []
+    stdout: list[str] = []
+    argv = [sys.executable, "-m", "bench.streamclient", json.dumps(spec)]
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+    ) as client:
+        out_pipe, err_pipe = client.stdout, client.stderr
+        assert out_pipe is not None and err_pipe is not None
+        reader = threading.Thread(target=lambda: stdout.append(out_pipe.read()), daemon=True)
+        reader.start()
+        try:
+            for line in err_pipe:
+                if line.strip() == "all-open" and pids:
+                    all_open = rss_total_kib(pids)
+                else:
+                    stderr.append(line)
+            client.wait(timeout=600)
+            reader.join()
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+            if cpu is not None:
+                cpu.stop()
+            stop.set()
+            if pids:
+                sampler.join()
+    if client.returncode != 0:
+        raise RuntimeError(f"stream client failed: {''.join(stderr)[-2000:]}")
+    out = json.loads("".join(stdout))
+    return StreamRun(
+        streams=streams,
+        ttfc=out["ttfc"],
+        gaps=out["gaps"],
+        chunks=out["chunks"],
+        errors=out["errors"],
+        first_error=out["first_error"],
+        most_open=out["most_open"],
+        idle_rss_kib=idle,
+        all_open_rss_kib=all_open,
+        peak_rss_kib=max(peak, all_open or 0),
+        cpu_seconds=cpu.seconds if cpu is not None else None,
+    )
 
 
-def step_up(
-    url: str,
-    body: dict[str, Any],
-    headers: dict[str, str],
-    steps: list[int],
-    watch_pid: int | None,
-    label: str,
-) -> Capacity:
-    """Raise the number of concurrent streams until p99 inter-chunk delay passes the limit (or errors)."""
-    capacity = Capacity()
-    for n in steps:
-        run = run_client(url, body, headers, n, ramp_seconds=min(2.0, 0.5 + n / 1000), watch_pid=watch_pid)
-        capacity.steps.append(run)
-        rss = f", RSS/stream {run.rss_per_stream_kib:.1f} KiB" if watch_pid else ""
-        print(f"  {label}: {n} streams: p99 gap {run.gap_p99:.1f} ms, errors {run.errors}{rss}", flush=True)
-        if not run.held:
-            break
-        time.sleep(1.0)
-    return capacity
+def summary(run: StreamRun) -> dict[str, Any]:
+    return {
+        "streams": run.streams,
+        "ttfc_p50": percentile(run.ttfc, 50),
+        "ttfc_p99": percentile(run.ttfc, 99),
+        "gap_p50": percentile(run.gaps, 50),
+        "gap_p99": run.gap_p99,
+        "chunks_min": min(run.chunks, default=0),
+        "chunks_max": max(run.chunks, default=0),
+        "completed": len(run.ttfc),
+        "errors": run.errors,
+        "first_error": run.first_error,
+        "most_open": run.most_open,
+        "idle_rss_kib": run.idle_rss_kib,
+        "all_open_rss_kib": run.all_open_rss_kib,
+        "peak_rss_kib": run.peak_rss_kib,
+        "rss_per_stream_kib": run.rss_per_stream_kib,
+        "cpu_ms_per_stream": None
+        if run.cpu_seconds is None
+        else run.cpu_seconds * 1000 / max(run.streams, 1),
+    }

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+import os
+import time
 from pathlib import Path
 
+import httpx
 import pytest
-from bench import report
+from bench import profile, report
+from bench.__main__ import Plan, _steps
+from bench.__main__ import main as bench_main
 from bench.load import parse_wrk, sequential_latency, wrk_script
-from bench.procs import process_group
-from bench.stack import FAKE_KEY, start_upstream, textgen_body, textgen_on, upstream_body
+from bench.procs import CpuMeter, process_group, rss_total_kib
+from bench.stack import FAKE_KEY, Config, start_upstream, textgen_body, textgen_on, upstream_body
 from bench.stats import percentile, ratio
 
 WRK_OUTPUT = """Running 2s test @ http://127.0.0.1:1/
@@ -114,3 +120,156 @@ def test_report_from_partial_results(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     report.plot(raw["results"], tmp_path / "b.png")
     assert (tmp_path / "b.png").stat().st_size > 0
+
+
+def test_cpu_meter_counts_this_process() -> None:
+    meter = CpuMeter([os.getpid()]).start()
+    spent = time.process_time()
+    while time.process_time() - spent < 0.05:  # burn CPU, not wall-clock time
+        sum(range(1000))
+    assert meter.stop() > 0
+    assert meter.ms_per(10) == meter.seconds * 100
+    assert CpuMeter([os.getpid()]).ms_per(0) is None
+    assert rss_total_kib([os.getpid()]) > 0
+
+
+def test_configs_and_sections() -> None:
+    assert Config.parse("sqlite") == Config("sqlite", 0)
+    assert Config.parse("pg4") == Config("postgres", 4)
+    assert Config.parse("pg4").key == "pg4"
+    for bad in ("pg0", "pg", "mysql"):
+        with pytest.raises(ValueError):
+            Config.parse(bad)
+    # tasks, sync and streams share one textgen per configuration, wherever they are named
+    assert _steps(["queue", "streams", "tasks"]) == [
+        ("realistic", ["tasks", "streams"]),
+        ("queue", ["queue"]),
+    ]
+    assert [name for name, _ in _steps(None)] == ["overhead", "realistic", "queue", "embedded", "soak"]
+    assert Plan().burst_tasks == Plan().streams == 1000
+    assert Plan().answer_delay_ms == 2000 and Plan().sync_connections == 256
+
+
+def test_profile_summary_from_raw_samples() -> None:
+    raw = "\n".join(
+        [
+            'process 7:"python -m textgen serve";thread (7): MainThread;run (/x/lib/python3.11/asyncio/runners.py:1);'
+            "handle (/w/src/textgen/http/app.py:3);dumps (/w/.venv/lib/python3.11/site-packages/orjson/x.py:9) 6",
+            'process 7:"python -m textgen serve";thread (7): MainThread;run (/x/lib/python3.11/asyncio/runners.py:1);'
+            "handle (/w/src/textgen/http/app.py:4) 2",
+            'process 7:"python -m textgen serve";thread (8): textgen-sqlite_0;'
+            "_worker (/x/lib/python3.11/concurrent/futures/thread.py:81) 5",
+            'process 7:"python -m textgen serve";thread (8): textgen-sqlite_0;'
+            "_worker (/x/lib/python3.11/concurrent/futures/thread.py:83);"
+            "commit (/w/.venv/lib/python3.11/site-packages/sqlalchemy/engine/base.py:1) 2",
+        ]
+    )
+    stacks = profile.parse_raw(raw + "\nnot a sample line")
+    assert sum(stacks.values()) == 15
+    got = profile.summary(profile.Profile("serve", 7, 1.0, stacks))
+    assert got["samples"] == 10 and got["waiting_samples"] == 5  # the idle executor thread is not work
+    assert got["busy"] == 0.1
+    assert dict(got["threads"]) == {"MainThread": 0.8, "textgen-sqlite_0": 0.2}
+    assert dict(got["packages"]) == {"orjson": 0.6, "textgen.http": 0.2, "sqlalchemy": 0.2}
+    assert got["self"][0] == ("dumps (orjson/x.py)", 0.6)
+    assert dict(got["textgen"]) == {"handle (textgen/http/app.py)": 0.8}
+
+
+def test_targets_say_missed_with_the_figure() -> None:
+    res = {
+        "overhead": {
+            "direct": {"latency": {"p50": 0.5, "p99": 1.0}},
+            "textgen_sqlite": {
+                "latency": {"p50": 1.5, "p99": 9.0},
+                "c16": {"cpu_ms_per_request": 6.25},
+                "c32": {"rps": 900.0},
+            },
+        },
+        "queue": {
+            "runs": [
+                {"config": "pg1", "label": "pg 1", "done_per_second": 100.0, "delivered_per_second": 99.0},
+                {"config": "pg4", "label": "pg 4", "done_per_second": 50.0, "delivered_per_second": 10.0},
+            ]
+        },
+    }
+    rows = dict(report.target_rows(res))
+    cpu = rows["CPU per sync request, zero-latency upstream, 16 connections, SQLite"]
+    assert cpu == "**missed**: 6.25 ms (target ≤ 1.0 ms)"
+    assert rows["Added latency at concurrency 1 over direct HTTP, p50, SQLite"].startswith("met: 1.00 ms")
+    assert rows["Added latency at concurrency 1 over direct HTTP, p99, SQLite"].startswith(
+        "**missed**: 8.00 ms"
+    )
+    assert rows["Sync req/s at 32 connections, one process (SQLite)"].startswith("met: 900 req/s")
+    assert rows["Queue on PostgreSQL: 4 worker processes ÷ 1"].startswith("**missed**: 0.50x")
+    assert rows["Webhook delivery keeps up with tasks done, pg 1"].startswith("met")
+    assert rows["Webhook delivery keeps up with tasks done, pg 4"].startswith("**missed**: 10 delivered/s")
+
+
+def test_fake_upstream_streams_without_the_answer_delay(tmp_path: Path) -> None:
+    with process_group(tmp_path / "logs") as group:
+        upstream = start_upstream(
+            group, "fake", chunks=3, delay_ms=1, answer_delay_ms=60_000, stream_delay_ms=0
+        )
+        body = upstream_body()
+        with httpx.stream(
+            "POST", upstream.stream_url, json=body, headers={"x-goog-api-key": FAKE_KEY}, timeout=30
+        ) as response:
+            events = [line for line in response.iter_lines() if line.startswith("data:")]
+        assert len(events) == 3  # streamed at once although every generateContent waits a minute
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(upstream.generate_url, json=body, headers={"x-goog-api-key": FAKE_KEY}, timeout=1)
+
+
+@pytest.mark.timeout(600)  # eight textgen deployments started on a shared machine
+def test_quick_plan_of_the_realistic_and_queue_sections(tmp_path: Path) -> None:
+    """tasks, sync, streams and queue in their quick plan on SQLite and PostgreSQL with 2 workers: every figure
+    produced, and every task, request, stream and webhook accounted for."""
+    argv = ["--quick", "--only", "tasks", "sync", "streams", "queue", "--no-litellm"]
+    argv += ["--output", str(tmp_path), "--results", str(tmp_path / "results")]
+    assert bench_main(argv) == 0
+    raw = json.loads((tmp_path / "benchmarks.json").read_text())
+    plan, res = raw["plan"], raw["results"]
+    assert list(res) == ["tasks", "sync", "streams", "queue"]
+    configs = list(plan["configs"])
+    assert configs == ["sqlite", "pg2"]
+    for section in ("tasks", "sync", "streams"):
+        assert [r["config"] for r in res[section]["runs"]] == configs
+        assert res[section]["measured"]["command"] == raw["command"]
+
+    for run in res["tasks"]["runs"]:
+        assert run["created"] == plan["burst_tasks"] and run["create_errors"] == 0
+        assert run["statuses"] == {"done": plan["burst_tasks"]}
+        assert run["seconds"] is not None and run["seconds"] >= plan["answer_delay_ms"] / 1000
+        assert run["cpu_ms_per_task"] > 0
+    assert res["tasks"]["runs"][1]["workers"] == 2
+
+    direct = res["sync"]["direct"]
+    for run in [direct, *res["sync"]["runs"]]:
+        assert run["requests"] > 0 and run["errors"] == 0
+        assert run["p50"] >= plan["answer_delay_ms"]  # every answer waited for the upstream
+        assert run["cpu_ms_per_request"] > 0
+
+    for run in [res["streams"]["direct"], *res["streams"]["runs"]]:
+        assert run["errors"] == 0 and run["completed"] == plan["streams"]
+        assert run["chunks_min"] >= plan["stream_chunks"]  # every upstream chunk relayed
+        assert 0 < run["ttfc_p50"] <= run["ttfc_p99"] and 0 < run["gap_p50"] <= run["gap_p99"]
+        assert 0 < run["most_open"] <= plan["streams"]
+        # memory per stream is read only when every stream was open at once
+        assert (run["rss_per_stream_kib"] is None) == (run["most_open"] < plan["streams"])
+        assert run["idle_rss_kib"] > 0 and run["peak_rss_kib"] >= run["idle_rss_kib"]
+        assert run["cpu_ms_per_stream"] > 0
+
+    queue = res["queue"]["runs"]
+    assert [r["config"] for r in queue] == configs
+    for run in queue:
+        assert run["tasks"] == plan["queue_tasks"] and run["errors"] == 0
+        assert run["done_per_second"] > 0 and run["delivered_per_second"] > 0
+        assert run["cpu_ms_per_task"] > 0
+
+    text = (tmp_path / "benchmarks.md").read_text()
+    for heading in ("## Targets", "## 2. ", "## 3. ", "## 4. ", "## 5. ", "## Regenerating this page"):
+        assert heading in text
+    assert (
+        f"| {plan['burst_tasks']} async tasks, 0.2 s upstream, first create to last done, SQLite | " in text
+    )
+    assert (tmp_path / "benchmarks.png").stat().st_size > 0

@@ -3,7 +3,7 @@
 It answers ``models/{model}:generateContent`` and ``models/{model}:streamGenerateContent?alt=sse``, the
 File API endpoints the google-genai SDK uses (resumable upload, get, delete), records what it received and
 can be told to fail. Run it standalone with
-``python -m tests.fakes.fake_gemini --port N [--chunks 64 --chunk-delay-ms 20]``.
+``python -m tests.fakes.fake_gemini --port N [--delay-ms 2000 --stream-delay-ms 0 --chunks 20 --chunk-delay-ms 100]``.
 """
 
 from __future__ import annotations
@@ -328,6 +328,7 @@ class FakeGemini:
         chunks: int | None = None,
         chunk_delay: float = 0.0,
         delay: float = 0.0,
+        stream_delay: float | None = None,
         record: bool = True,
         max_records: int | None = None,
     ) -> None:
@@ -335,6 +336,8 @@ class FakeGemini:
         self.chunks = chunks  # fixed number of stream chunks (else one per word)
         self.chunk_delay = chunk_delay
         self.delay = delay  # seconds before every answer (a slow upstream)
+        # seconds before a stream's first chunk; None: the same as ``delay``
+        self.stream_delay = delay if stream_delay is None else stream_delay
         self.record = record
         self.received: deque[Received] = deque(maxlen=max_records)
         self.faults: deque[Fault] = deque()
@@ -420,8 +423,9 @@ class FakeGemini:
         if self.record:
             self.received.append(received)
         fault = self.faults.popleft() if self.faults else Fault()
-        if fault.delay or self.delay:
-            await asyncio.sleep(fault.delay or self.delay)
+        wait = fault.delay or (self.stream_delay if stream else self.delay)
+        if wait:
+            await asyncio.sleep(wait)
         if fault.replay is not None:
             return self._replayed(fault.replay)
         if fault.status is not None:
@@ -772,6 +776,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunks", type=int, default=None, help="stream replies in exactly this many chunks")
     parser.add_argument("--chunk-delay-ms", type=float, default=0.0, help="pause between stream chunks")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="pause before every answer")
+    parser.add_argument(
+        "--stream-delay-ms",
+        type=float,
+        default=None,
+        help="pause before a stream's first chunk (default: --delay-ms)",
+    )
     parser.add_argument("--reply", default=DEFAULT_REPLY, help="the text every generation answers")
     args = parser.parse_args(argv)
     fake = FakeGemini(
@@ -779,6 +789,7 @@ def main(argv: list[str] | None = None) -> None:
         chunks=args.chunks,
         chunk_delay=args.chunk_delay_ms / 1000,
         delay=args.delay_ms / 1000,
+        stream_delay=None if args.stream_delay_ms is None else args.stream_delay_ms / 1000,
         record=False,
     )
     fake.reply_text = args.reply
