@@ -10,10 +10,10 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from textgen import media
+from textgen import limits, media
 from textgen.states import TaskStatus
 
-MAX_MESSAGES = 10_000
+MAX_MESSAGES = limits.MAX_MESSAGES
 MAX_URL_LENGTH = 2048
 FUNCTION_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$"
 
@@ -107,7 +107,7 @@ class FunctionResponsePart(_Strict):
 
 class Message(_Strict):
     role: Role
-    content: str | list[ContentPart] = ""
+    content: str | Annotated[list[ContentPart], Field(max_length=limits.MAX_CONTENT_PARTS)] = ""
     function_call: FunctionCallPart | None = None
     function_response: FunctionResponsePart | None = None
 
@@ -187,6 +187,12 @@ class GenerationInput(_Strict):
     config: TextGenConfig = Field(default_factory=TextGenConfig)
     tools: list[Tool] = Field(default_factory=list)
     tool_config: ToolConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded(cls, data: Any) -> Any:
+        limits.check_request(data)  # counts before per-item validation; BadRequest names the field
+        return data
 
     @model_validator(mode="after")
     def _tools_consistent(self) -> GenerationInput:

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from tests.conftest import run_server
 from tests.fakes.providers import FakeProvider
 from tests.reliability.conftest import reliability_settings
+from textgen import limits
 from textgen.http import errors
 from textgen.protocol import TextGenRequest
 
@@ -21,20 +22,39 @@ def _cursor(stamp: str, task_id: str = "00000000-0000-0000-0000-000000000000") -
     return "n:" + base64.urlsafe_b64encode(f"{stamp}|{task_id}".encode()).decode().rstrip("=")
 
 
-async def test_thousands_of_invalid_parts_are_described_from_an_account_without_credits(
-    tmp_path: Path,
+async def test_thousands_of_invalid_parts_are_refused_by_counting_from_an_account_without_credits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    examined: list[tuple[object, ...]] = []
+    real_loc = errors._loc
+
+    def counting_loc(parts: tuple[object, ...], enclosing: set[str] | None = None) -> str:
+        examined.append(parts)
+        return real_loc(parts, enclosing)
+
+    monkeypatch.setattr(errors, "_loc", counting_loc)
     settings = reliability_settings(tmp_path, "http://127.0.0.1:9", max_body_bytes=1024 * 1024)
     async with run_server(settings, {"fake": FakeProvider()}) as server:
         broke = await server.account(credits=0)
-        parts = [{"type": "bogus", "text": "x"} for _ in range(12_000)]
-        body = {"model_name": "fake-model", "messages": [{"role": "user", "content": parts}]}
         async with server.client(broke) as client:
+            # 12,000 parts: refused once counted, before any part is validated or any error described.
+            parts = [{"type": "bogus", "text": "x"} for _ in range(12_000)]
+            body = {"model_name": "fake-model", "messages": [{"role": "user", "content": parts}]}
             response = await client.post(CREATE, json=body)
-        assert response.status_code == 400, response.text
-        error = response.json()["error"]
-        assert error.startswith("messages[0].content[0]"), error
-        assert error.endswith(" more)"), error
+            assert response.status_code == 400, response.text
+            assert response.json() == {
+                "error": f"messages: at most {limits.MAX_CONTENT_PARTS} content parts in all messages, not 12000"
+            }
+            assert examined == []
+            # At the limit every part is validated, and only the first errors are examined and described.
+            body["messages"] = [{"role": "user", "content": parts[: limits.MAX_CONTENT_PARTS]}]
+            response = await client.post(CREATE, json=body)
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert error.startswith("messages[0].content[0]"), error
+            not_shown = limits.MAX_CONTENT_PARTS - limits.MAX_DESCRIBED_ERRORS
+            assert error.endswith(f"(and {not_shown} more)"), error
+            assert len(examined) == limits.MAX_EXAMINED_ERRORS
 
 
 def test_the_validation_filter_keeps_inner_errors_and_drops_their_enclosing_ones() -> None:

@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from textgen import metrics
+from textgen import limits, metrics
 from textgen.errors import TextgenError
 
 log = logging.getLogger("textgen.http")
@@ -19,38 +19,42 @@ log = logging.getLogger("textgen.http")
 _TYPE_LOCS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
-def _loc(parts: tuple[Any, ...]) -> str:
+def _loc(parts: tuple[Any, ...], enclosing: set[str] | None = None) -> str:
+    """The location as the client wrote it; adds each enclosing location to ``enclosing``."""
     out = ""
     for part in parts:
         if isinstance(part, int):
-            out += f"[{part}]"
-            continue
-        text = str(part)
-        if "[" in text or text in _TYPE_LOCS or text.startswith("function-"):
-            continue
-        out += f".{text}" if out else text
+            piece = f"[{part}]"
+        else:
+            text = str(part)
+            if "[" in text or text in _TYPE_LOCS or text.startswith("function-"):
+                continue
+            piece = f".{text}" if out else text
+        if out and enclosing is not None:
+            enclosing.add(out)
+        out += piece
     return out
 
 
 def describe_validation(exc: ValidationError) -> str:
     """A readable message naming each offending field (``messages[0].role: ...``)."""
-    errors = exc.errors(include_url=False, include_context=False)
+    errors = exc.errors(include_url=False, include_context=False, include_input=False)
     if any(e["type"] == "json_invalid" for e in errors):
         detail = next(e for e in errors if e["type"] == "json_invalid")["msg"]
         return f"invalid JSON body: {detail}"
-    located = [(_loc(e["loc"]), e["msg"].removeprefix("Value error, ")) for e in errors]
     # For a str-or-list field pydantic reports every branch of the union; an error about the whole
     # field is noise when another error points inside it (the branch the client actually used).
-    # Every location's enclosing locations go in one set, so the filter is linear in the errors.
+    # Every location's enclosing locations go in one set, so the filter is linear in the errors; only the
+    # first errors are examined (pydantic reports a field's branches together), the rest are counted.
+    examined = errors[: limits.MAX_EXAMINED_ERRORS]
     enclosing: set[str] = set()
-    for where, _ in located:
-        for i, char in enumerate(where):
-            if char in ".[" and i:
-                enclosing.add(where[:i])
+    located = [(_loc(e["loc"], enclosing), e["msg"].removeprefix("Value error, ")) for e in examined]
     kept = [(where, msg) for where, msg in located if where not in enclosing]
     messages = list(dict.fromkeys(f"{where or 'request body'}: {msg}" for where, msg in kept))
-    more = f" (and {len(messages) - 5} more)" if len(messages) > 5 else ""
-    return "; ".join(messages[:5]) + more
+    shown = limits.MAX_DESCRIBED_ERRORS
+    rest = len(messages) - shown + len(errors) - len(examined)
+    more = f" (and {rest} more)" if rest > 0 else ""
+    return "; ".join(messages[:shown]) + more
 
 
 def error_response(exc: Exception, request_id: str | None = None) -> Response:
