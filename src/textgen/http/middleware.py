@@ -38,30 +38,6 @@ class RequestContextMiddleware:
         timing = RequestTiming()
         token = current_timing.set(timing)
         limit = self.max_body_bytes
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = 0
-                if declared > limit:
-                    response = error_response(
-                        PayloadTooLarge(f"request body is larger than the {limit} byte limit"), request_id
-                    )
-                    metrics.request_answered(scope, 413, time.perf_counter() - started)
-                    await response(scope, receive, send)
-                    return
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise PayloadTooLarge(f"request body is larger than the {limit} byte limit")
-            return message
-
         answered = False
 
         async def send_with_headers(message: Message) -> None:
@@ -75,11 +51,35 @@ class RequestContextMiddleware:
                 metrics.request_answered(scope, message["status"], overhead)
             await send(message)
 
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise PayloadTooLarge(f"request body is larger than the {limit} byte limit")
+            return message
+
         try:
+            if _declared_length(scope) > limit:  # refused before reading any of it
+                raise PayloadTooLarge(f"request body is larger than the {limit} byte limit")
             await self.app(scope, limited_receive, send_with_headers)
-        except Exception:
-            if not answered:  # the outermost error handler answers 500 after this middleware has returned
-                metrics.request_answered(scope, 500, time.perf_counter() - started - timing.upstream_seconds)
-            raise
+        except Exception as exc:
+            if answered:  # the response has started: the server can only close the connection
+                raise
+            # Answered here, not by the outermost error handler, so the 500 carries the headers too.
+            await error_response(exc, request_id)(scope, receive, send_with_headers)
         finally:
             current_timing.reset(token)
+
+
+def _declared_length(scope: Scope) -> int:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0
