@@ -1,7 +1,11 @@
-"""Responses at the edges of the HTTP layer: early refusals carry the documented headers."""
+"""Responses at the edges of the HTTP layer: early refusals carry the documented headers, and a client leaving
+mid-body is logged at info without a traceback."""
 
 from __future__ import annotations
 
+import json
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +13,7 @@ import httpx
 
 from tests.conftest import make_settings, run_server
 from tests.fakes.providers import FakeProvider
+from tests.processes import free_port, run_cli, textgen_env, textgen_process
 from textgen.catalog import ModelSpec
 from textgen.protocol import GenerationInput
 
@@ -76,3 +81,33 @@ async def test_an_unexpected_error_is_a_500_with_the_headers_and_its_request_id(
     assert crashed.status_code == 500
     assert_documented_headers(crashed)
     assert crashed.json()["error"] == f"internal error (request id {crashed.headers['x-request-id']})"
+
+
+def test_a_client_leaving_mid_body_is_logged_at_info_without_a_traceback(tmp_path: Path) -> None:
+    port = free_port()
+    env = textgen_env(TEXTGEN_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/textgen.db")
+    assert run_cli("migrate", env=env).returncode == 0
+    created = run_cli("accounts", "create", "me", "--json", env=env)
+    account = json.loads(created.stdout)
+    log = tmp_path / "server.log"
+    with textgen_process("serve", "--port", str(port), env=env, log=log, port=port):
+        body = json.dumps(
+            {"model_name": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "hi"}]}
+        )
+        head = (
+            f"POST {CREATE} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"X-API-ID: {account['api_id']}\r\nX-API-KEY: {account['api_key']}\r\n"
+            f"Content-Length: {len(body) + 500}\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(head.encode() + body.encode())  # 500 bytes short of what it declared
+        for _ in range(100):
+            if "client disconnected" in log.read_text():
+                break
+            time.sleep(0.1)
+        # The server is still serving afterwards.
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+    text = log.read_text()
+    lines = [line for line in text.splitlines() if "client disconnected" in line]
+    assert len(lines) == 1 and "INFO" in lines[0], text
+    assert "Traceback" not in text and "ClientDisconnect" not in text and "ERROR" not in text, text

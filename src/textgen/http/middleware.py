@@ -7,6 +7,7 @@ import time
 import uuid
 
 from starlette.datastructures import MutableHeaders
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from textgen import metrics
@@ -66,6 +67,9 @@ class RequestContextMiddleware:
             if _declared_length(scope) > limit:  # refused before reading any of it
                 raise PayloadTooLarge(f"request body is larger than the {limit} byte limit")
             await self.app(scope, limited_receive, send_with_headers)
+        except ClientDisconnect:
+            # The client went away before sending its whole body: expected, and there is nobody to answer.
+            log.info("request %s: client disconnected before the request body was complete", request_id)
         except Exception as exc:
             if answered:  # the response has started: the server can only close the connection
                 raise
