@@ -194,6 +194,9 @@ class StreamSession:
         except Exception as exc:
             outcome = self._lifecycle.failure(self.task, exc)
             await self._lease.settle(outcome)
+            # A finishing chunk, then an error after it (Gemini's raw JSON tail): the chunk is relayed first.
+            if held is not None:
+                yield StreamEvent(gemini_chunk(held, self.task.model_name, self.task.id))
             status = getattr(exc, "status_code", 502) if isinstance(exc, TextgenError) else 502
             yield self._error_event(outcome.failed_reason, status)
             return
