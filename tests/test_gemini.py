@@ -252,6 +252,38 @@ async def test_image_type_gemini_does_not_take_is_refused_with_the_part_index(tm
         assert await balance(server, account) == 5
 
 
+async def test_more_than_gemini_takes_is_refused_before_anything_is_sent(tmp_path: Path) -> None:
+    """Gemini takes at most 5 stop sequences and 512 function declarations (a 400 from it otherwise)."""
+    many_tools = [{"function_declarations": [{"name": f"tool_{i}"} for i in range(513)]}]
+    async with fake_gemini() as (fake, url), gemini_service(tmp_path, url) as server:
+        account = await server.account(credits=5)
+        async with server.client(account) as client:
+            stops = await client.post(
+                "/sse/text_generator/",
+                json={**GUIDE_BODY, "config": {"max_output_tokens": 64, "stop_sequences": list("abcdef")}},
+            )
+            tools = await client.post("/sse/text_generator/", json={**GUIDE_BODY, "tools": many_tools})
+        assert stops.status_code == 400
+        assert (
+            stops.json()["error"] == "config.stop_sequences: Gemini takes at most 5 stop sequences (6 given)"
+        )
+        assert tools.status_code == 400
+        assert tools.json()["error"] == "tools: Gemini takes at most 512 function declarations (513 given)"
+        assert fake.generate_requests == []
+        assert await balance(server, account) == 5
+        five = await create(
+            server,
+            account,
+            {
+                **GUIDE_BODY,
+                "config": {"max_output_tokens": 64, "stop_sequences": list("abcde")},
+                "sync": True,
+            },
+        )
+        assert five["status"] == "done", five
+        assert fake.last.body["generationConfig"]["stopSequences"] == list("abcde")
+
+
 async def test_function_calling_round_trip_keeps_the_thought_signature(tmp_path: Path) -> None:
     question = {"role": "user", "content": "What is the weather in San Francisco?"}
     async with fake_gemini() as (fake, url), gemini_service(tmp_path, url) as server:
