@@ -96,6 +96,7 @@ def summary(profile: Profile, top: int = 12) -> dict[str, Any]:
     inclusive: Counter[str] = Counter()
     packages: Counter[str] = Counter()
     waiting = 0
+    by_thread: dict[str, Counter[str]] = {}
     for stack, count in profile.stacks.items():
         frames = list(stack)
         if frames and frames[0].startswith("process "):
@@ -110,24 +111,22 @@ def summary(profile: Profile, top: int = 12) -> dict[str, Any]:
             waiting += count
             continue
         threads[thread] += count
+        by_thread.setdefault(thread, Counter())
         own[leaf] += count
         packages[_package(frames[-1])] += count
         for frame in {_short(f) for f in frames}:
-            inclusive[frame] += count
+            by_thread[thread][frame] += count
 
     total = sum(threads.values())
 
     def shares(counter: Counter[str]) -> list[tuple[str, float]]:
         return [(name, n / total) for name, n in counter.most_common(top)] if total else []
 
-    # Frames under nearly every sample (the module's main, the event loop's dispatch) say nothing.
-    inclusive = Counter(
-        {
-            name: n
-            for name, n in inclusive.items()
-            if n < 0.9 * total and not any(name.startswith(d) for d in _DISPATCH)
-        }
-    )
+    # Frames under nearly every sample of their thread (its main, the event loop's dispatch) say nothing.
+    for thread, frames_seen in by_thread.items():
+        for name, n in frames_seen.items():
+            if n < 0.9 * threads[thread] and not any(name.startswith(d) for d in _DISPATCH):
+                inclusive[name] += n
     ours = Counter({name: n for name, n in inclusive.items() if "(textgen/" in name})
 
     possible = profile.seconds * RATE

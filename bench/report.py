@@ -33,7 +33,7 @@ REGENERATE = """\
 ## Regenerating this page
 
 ```sh
-make bench                         # = .venv/bin/python -m bench: every section, about {minutes} minutes
+make bench                         # = .venv/bin/python -m bench: every section{minutes}
 .venv/bin/python -m bench --only tasks sync streams queue --no-litellm   # some sections; the others are kept
 .venv/bin/python -m bench --quick  # a smoke run of everything in a few minutes, written to bench/results/
 ```
@@ -426,9 +426,9 @@ def _streams(s: dict[str, Any], raw: dict[str, Any], lines: list[str]) -> None:
         f"One client process (raw asyncio sockets) opens {n:,} streams over "
         f"{raw['plan'].get('stream_ramp_seconds', 1):g} s and reads every event; the upstream sends the first "
         "chunk at once. Added time is the difference of percentiles to the same client reading the fake upstream "
-        "directly. RSS per stream is the API process's RSS at the moment all streams were open at once (the client "
-        "says when) minus its RSS before, divided by the streams; CPU per stream is every textgen process over the "
-        "run.",
+        "directly. Streams are the first thing each fresh server does, after 20 warm-up streams. RSS per stream is "
+        "the API process's RSS at the moment all streams were open at once (the client says when) minus its RSS "
+        "before, divided by the streams; CPU per stream is every textgen process over the run.",
         "",
         "| path | completed | errors | most open at once | first chunk p50 | p99 | added p50 | added p99 | "
         "inter-chunk p50 | p99 | p99 ÷ direct | RSS per stream | CPU/stream |",
@@ -570,7 +570,8 @@ def write(raw: dict[str, Any], md: Path, png: Path, *, draw: bool = True) -> Non
         text = md.read_text()
         if KEPT in text:
             kept = text[text.index(KEPT) :]
-    minutes = raw.get("full_minutes") or max(1, round(raw["elapsed_seconds"] / 60))
+    full = raw.get("full_minutes")
+    minutes = f", about {full} minutes" if full else ""
     lines = [
         "# Benchmarks",
         "",

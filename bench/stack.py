@@ -69,7 +69,9 @@ def start_upstream(
     ``chunks`` / ``delay_ms``: streams come in this many chunks this far apart.
     """
     port = free_port()
-    args = ["--port", str(port)]  # any key: LiteLLM sends its own way
+    # any key (LiteLLM sends its own way); idle keep-alive connections stay open as Gemini's do, far past
+    # uvicorn's 5 s, so a client's pooled connection is not closed under it between two bursts
+    args = ["--port", str(port), "--keep-alive-seconds", "600"]
     if chunks:
         args += ["--chunks", str(chunks), "--chunk-delay-ms", str(delay_ms)]
     if answer_delay_ms:

@@ -157,6 +157,7 @@ def test_profile_summary_from_raw_samples() -> None:
             "handle (/w/src/textgen/http/app.py:3);dumps (/w/.venv/lib/python3.11/site-packages/orjson/x.py:9) 6",
             'process 7:"python -m textgen serve";thread (7): MainThread;run (/x/lib/python3.11/asyncio/runners.py:1);'
             "handle (/w/src/textgen/http/app.py:4) 2",
+            'process 7:"python -m textgen serve";thread (7): MainThread;run (/x/lib/python3.11/asyncio/runners.py:1) 2',
             'process 7:"python -m textgen serve";thread (8): textgen-sqlite_0;'
             "_worker (/x/lib/python3.11/concurrent/futures/thread.py:81) 5",
             'process 7:"python -m textgen serve";thread (8): textgen-sqlite_0;'
@@ -165,14 +166,22 @@ def test_profile_summary_from_raw_samples() -> None:
         ]
     )
     stacks = profile.parse_raw(raw + "\nnot a sample line")
-    assert sum(stacks.values()) == 15
+    assert sum(stacks.values()) == 17
     got = profile.summary(profile.Profile("serve", 7, 1.0, stacks))
-    assert got["samples"] == 10 and got["waiting_samples"] == 5  # the idle executor thread is not work
-    assert got["busy"] == 0.1
-    assert dict(got["threads"]) == {"MainThread": 0.8, "textgen-sqlite_0": 0.2}
-    assert dict(got["packages"]) == {"orjson": 0.6, "textgen.http": 0.2, "sqlalchemy": 0.2}
-    assert got["self"][0] == ("dumps (orjson/x.py)", 0.6)
-    assert dict(got["textgen"]) == {"handle (textgen/http/app.py)": 0.8}
+    assert got["samples"] == 12 and got["waiting_samples"] == 5  # the idle executor thread is not work
+    assert got["busy"] == 0.12
+    assert dict(got["threads"]) == {"MainThread": 10 / 12, "textgen-sqlite_0": 2 / 12}
+    assert dict(got["packages"]) == {
+        "orjson": 0.5,
+        "textgen.http": 2 / 12,
+        "sqlalchemy": 2 / 12,
+        "asyncio": 2 / 12,
+    }
+    assert got["self"][0] == ("dumps (orjson/x.py)", 0.5)
+    # a frame under (nearly) all of its thread's samples is left out: the event loop's run, the executor's worker
+    assert dict(got["textgen"]) == {"handle (textgen/http/app.py)": 8 / 12}
+    assert "run (asyncio/runners.py)" not in dict(got["total"])
+    assert "_worker (concurrent/futures/thread.py)" not in dict(got["total"])
 
 
 def test_targets_say_missed_with_the_figure() -> None:

@@ -782,6 +782,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="pause before a stream's first chunk (default: --delay-ms)",
     )
+    parser.add_argument(
+        "--keep-alive-seconds",
+        type=int,
+        default=5,
+        help="close a keep-alive connection idle this long (uvicorn's default 5; Gemini keeps them far longer)",
+    )
     parser.add_argument("--reply", default=DEFAULT_REPLY, help="the text every generation answers")
     args = parser.parse_args(argv)
     fake = FakeGemini(
@@ -793,7 +799,14 @@ def main(argv: list[str] | None = None) -> None:
         record=False,
     )
     fake.reply_text = args.reply
-    uvicorn.run(fake.app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    uvicorn.run(
+        fake.app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        timeout_keep_alive=args.keep_alive_seconds,
+    )
 
 
 if __name__ == "__main__":
