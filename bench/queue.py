@@ -99,7 +99,9 @@ async def _done_times(server: Textgen) -> list[dt.datetime]:
     engine = create_engine(load_settings(database_url=server.env["TEXTGEN_DATABASE_URL"]))
     try:
         async with engine.connect() as conn:
-            rows = await conn.execute(sa.select(tasks.c.updated_at).where(tasks.c.status == "done"))
+            rows = await conn.execute(
+                sa.select(tasks.c.updated_at).where(tasks.c.mode == "async", tasks.c.status == "done")
+            )
             return [row[0] for row in rows]
     finally:
         await engine.dispose()

@@ -78,16 +78,21 @@ async def _unfinished(engine: Any) -> int:
     from textgen.storage.tables import tasks
 
     async with engine.connect() as conn:
-        query = sa.select(sa.func.count()).where(tasks.c.status.in_(("pending", "running")))
+        query = sa.select(sa.func.count()).where(
+            tasks.c.mode == "async", tasks.c.status.in_(("pending", "running"))
+        )
         return int((await conn.execute(query)).scalar_one())
 
 
 async def _task_rows(engine: Any) -> list[tuple[str, dt.datetime, dt.datetime]]:
-    """(status, created_at, updated_at) of every task."""
+    """(status, created_at, updated_at) of every async task (the streams and sync requests are tasks too)."""
     from textgen.storage.tables import tasks
 
     async with engine.connect() as conn:
-        rows = await conn.execute(sa.select(tasks.c.status, tasks.c.created_at, tasks.c.updated_at))
+        query = sa.select(tasks.c.status, tasks.c.created_at, tasks.c.updated_at).where(
+            tasks.c.mode == "async"
+        )
+        rows = await conn.execute(query)
         return [(str(r[0]), r[1], r[2]) for r in rows]
 
 
