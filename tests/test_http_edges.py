@@ -1,5 +1,5 @@
-"""Responses at the edges of the HTTP layer: early refusals carry the documented headers, and a client leaving
-mid-body is logged at info without a traceback."""
+"""Responses at the edges of the HTTP layer: early refusals carry the documented headers, a wrong method is a
+405 with an Allow header, and a client leaving mid-body is logged at info without a traceback."""
 
 from __future__ import annotations
 
@@ -62,6 +62,30 @@ async def test_every_early_refusal_carries_the_request_id_and_overhead(
             too_many = await slow.get("/api/remaining_credits/")
             assert too_many.status_code == 429
             assert_documented_headers(too_many)
+
+
+async def test_a_wrong_method_on_a_known_route_is_405_with_allow(tmp_path: Path, models_file: Path) -> None:
+    settings = make_settings(tmp_path, models_file=models_file)
+    async with run_server(settings, {"fake": FakeProvider()}, run_worker=False) as server:
+        account = await server.account()
+        async with server.client(account) as client:
+            for method, path, allow in (
+                ("GET", "/sse/text_generator/stream/", "POST"),  # not the task "stream"
+                ("DELETE", CREATE, "GET, HEAD, POST"),
+                ("PUT", CREATE, "GET, HEAD, POST"),
+                ("POST", "/sse/text_generator/some-id/", "GET, HEAD"),
+                ("GET", "/sse/text_generator/some-id/cancel/", "POST"),
+                ("POST", "/api/remaining_credits/", "GET, HEAD"),
+                ("POST", "/readyz", "GET, HEAD"),
+            ):
+                response = await client.request(method, path)
+                assert response.status_code == 405, (method, path, response.text)
+                assert response.headers["Allow"] == allow, (method, path)
+                error = response.json()["error"]
+                assert error == f"{method} is not allowed on {path}; use {allow}", error
+            # The methods a route does serve still reach it.
+            assert (await client.get("/sse/text_generator/some-id/")).status_code == 404
+            assert (await client.post(CREATE, json=BODY)).status_code == 201
 
 
 @dataclass
