@@ -17,6 +17,7 @@ BAD_SETTINGS = [
     ("TEXTGEN_LOG_LEVEL", "verbose", "'debug', 'info', 'warning' or 'error'"),
     ("TEXTGEN_LOCAL_THREADS", "-3", "greater than or equal to 1"),
     ("TEXTGEN_LOCAL_MODEL_INSTANCES", "0", "greater than or equal to 1"),
+    ("TEXTGEN_DEFAULT_MAX_OUTPUT_TOKENS", "0", "greater than or equal to 1"),
     ("TEXTGEN_LOCAL_MODEL_PATH", "{tmp}/missing.gguf", "No such file"),
     ("TEXTGEN_LOCAL_MODEL_PATH", "{tmp}/not-a-model.gguf", "must be a GGUF model file"),
     ("TEXTGEN_MODELS_FILE", "{tmp}/missing.toml", "No such file"),

@@ -482,6 +482,7 @@ async def test_structured_output_sends_the_json_schema_and_returns_json(tmp_path
         assert task["status"] == "done", task
         jsonschema.validate(json.loads(task["response_text"]), schema)
         assert fake.last.body["generationConfig"] == {
+            "maxOutputTokens": 8192,  # the model's default output budget
             "responseMimeType": "application/json",
             "responseJsonSchema": schema,
         }

@@ -52,7 +52,7 @@ async def test_stream_yields_gemini_native_chunks_with_cumulative_counts(tmp_pat
         finally:
             await provider.aclose()
     assert fake.last.stream
-    assert fake.last.body["generationConfig"] == {"temperature": 0.2}
+    assert fake.last.body["generationConfig"] == {"temperature": 0.2, "maxOutputTokens": 8192}
     words = fake.reply_text.split(" ")
     assert len(chunks) == len(words)
     assert "".join(c.text for c in chunks) == fake.reply_text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,7 @@ def from_micro(micro: int) -> float:
 
 def _spec(name: str, raw: dict[str, Any]) -> ModelSpec:
     try:
-        return ModelSpec(
+        spec = ModelSpec(
             name=name,
             provider=str(raw["provider"]),
             input_price=float(raw["input_price"]),
@@ -71,10 +71,21 @@ def _spec(name: str, raw: dict[str, Any]) -> ModelSpec:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigurationError(f"model {name!r}: invalid entry ({exc})") from exc
+    if not 1 <= spec.default_output_tokens <= spec.max_output_tokens:
+        raise ConfigurationError(
+            f"model {name!r}: default_output_tokens must be between 1 and max_output_tokens "
+            f"({spec.max_output_tokens}), got {spec.default_output_tokens}"
+        )
+    return spec
 
 
-def load_catalog(extra_file: Path | None = None) -> dict[str, ModelSpec]:
-    """Read the packaged model list, then the user's file on top of it."""
+def load_catalog(
+    extra_file: Path | None = None, default_output_tokens: int | None = None
+) -> dict[str, ModelSpec]:
+    """Read the packaged model list, then the user's file on top of it.
+
+    ``default_output_tokens`` (TEXTGEN_DEFAULT_MAX_OUTPUT_TOKENS) replaces every model's output budget for
+    requests that name none, capped at the model's own maximum."""
     text = resources.files("textgen").joinpath("models.toml").read_text(encoding="utf-8")
     entries: dict[str, Any] = dict(tomllib.loads(text)["models"])
     if extra_file is not None:
@@ -87,4 +98,10 @@ def load_catalog(extra_file: Path | None = None) -> dict[str, ModelSpec]:
             entries.update(tomllib.loads(text).get("models", {}))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigurationError(f"{extra_file} is not valid TOML ({exc})") from exc
-    return {name: _spec(name, raw) for name, raw in entries.items()}
+    catalog = {name: _spec(name, raw) for name, raw in entries.items()}
+    if default_output_tokens is not None:
+        catalog = {
+            name: replace(spec, default_output_tokens=min(default_output_tokens, spec.max_output_tokens))
+            for name, spec in catalog.items()
+        }
+    return catalog

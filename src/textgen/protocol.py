@@ -138,7 +138,12 @@ class TextGenConfig(_Strict):
     """Generation config parameters."""
 
     temperature: float | None = Field(None, ge=0.0, le=2.0)
-    max_output_tokens: int | None = Field(None, ge=1)
+    max_output_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Most output tokens (thinking included) to generate, up to the model's maximum; without it "
+        "the model's default_output_tokens (GET /sse/models/), which is also what credits are reserved for.",
+    )
     top_p: float | None = Field(None, ge=0.0, le=1.0)
     top_k: int | None = Field(None, ge=1)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
@@ -319,6 +324,7 @@ class ModelInfo(BaseModel):
     input_price_per_million_usd: float
     output_price_per_million_usd: float
     max_output_tokens: int
+    default_output_tokens: int  # the output budget of a request without config.max_output_tokens
 
 
 class ModelList(BaseModel):

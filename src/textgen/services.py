@@ -81,7 +81,9 @@ class Services:
     @classmethod
     def build(cls, settings: Settings, providers: dict[str, Provider]) -> Services:
         storage = Storage.open(settings)
-        registry = ProviderRegistry(load_catalog(settings.models_file), providers)
+        registry = ProviderRegistry(
+            load_catalog(settings.models_file, settings.default_max_output_tokens), providers
+        )
         pricing = Pricing(settings.credits_per_usd)
         wakeups = Wakeups(postgres=storage.db.is_postgres)
         capacity = Capacity(

@@ -56,6 +56,13 @@ class Settings(BaseSettings):
     models_file: Path | None = Field(
         None, description="TOML file of extra or overriding models and prices (format of `models.toml`)"
     )
+    default_max_output_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="output budget of a request without `config.max_output_tokens`, sent upstream and reserved "
+        "for, for every model (at most its maximum); unset: each model's `default_output_tokens` "
+        "(Gemini 8192, the embedded model 512)",
+    )
     list_max_limit: int = Field(100, ge=1, description="largest `?limit=` of the task list")
     sync_timeout_seconds: float = Field(
         600.0, gt=0, description="a sync request that takes longer fails with a timeout"

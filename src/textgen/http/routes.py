@@ -146,6 +146,7 @@ async def list_models(request: Request) -> Response:
                 input_price_per_million_usd=spec.input_price,
                 output_price_per_million_usd=spec.output_price,
                 max_output_tokens=spec.max_output_tokens,
+                default_output_tokens=spec.default_output_tokens,
             )
         )
     return json_response(ModelList(results=results).model_dump(), 200, quota)

@@ -81,7 +81,7 @@ class GeminiProvider:
         session = self.session
         url = f"{self._models_url}{spec.upstream_name}:generateContent"
         async with self._uploaded_media(request) as files:
-            payload = _encode(mapping.build_body(request, files))
+            payload = _encode(mapping.build_body(request, files, spec.default_output_tokens))
 
             async def attempt() -> dict[str, Any]:
                 async with session.post(url, data=payload) as response:
@@ -98,7 +98,7 @@ class GeminiProvider:
         session = self.session
         url = f"{self._models_url}{spec.upstream_name}:streamGenerateContent?alt=sse"
         async with self._uploaded_media(request) as files:
-            payload = _encode(mapping.build_body(request, files))
+            payload = _encode(mapping.build_body(request, files, spec.default_output_tokens))
 
             async def first_chunk() -> tuple[
                 aiohttp.ClientResponse, AsyncGenerator[dict[str, Any], None], StreamChunk

@@ -167,8 +167,15 @@ def build_contents(
     return contents
 
 
-def build_body(request: GenerationInput, files: Mapping[tuple[int, int], FileRef]) -> dict[str, Any]:
-    """The whole GenerateContentRequest (without the model, which is in the URL)."""
+def build_body(
+    request: GenerationInput,
+    files: Mapping[tuple[int, int], FileRef],
+    default_output_tokens: int | None = None,
+) -> dict[str, Any]:
+    """The whole GenerateContentRequest (without the model, which is in the URL).
+
+    ``default_output_tokens`` is the model's output budget, sent when the request names none: it is what the
+    task reserved credits for, and Gemini's own default is the model's maximum."""
     body: dict[str, Any] = {"contents": build_contents(request, files)}
     if request.system_instruction:
         body["systemInstruction"] = {"parts": [{"text": request.system_instruction}]}
@@ -177,7 +184,7 @@ def build_body(request: GenerationInput, files: Mapping[tuple[int, int], FileRef
         "temperature": config.temperature,
         "topP": config.top_p,
         "topK": config.top_k,
-        "maxOutputTokens": config.max_output_tokens,
+        "maxOutputTokens": config.max_output_tokens or default_output_tokens,
         "presencePenalty": config.presence_penalty,
         "frequencyPenalty": config.frequency_penalty,
         "seed": config.seed,
