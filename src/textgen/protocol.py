@@ -15,7 +15,7 @@ from textgen.states import TaskStatus
 
 MAX_MESSAGES = limits.MAX_MESSAGES
 MAX_URL_LENGTH = 2048
-FUNCTION_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$"
+FUNCTION_NAME_PATTERN = limits.FUNCTION_NAME_PATTERN
 
 
 def _finite(value: Any) -> Any:
@@ -149,7 +149,9 @@ class TextGenConfig(_Strict):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     seed: int | None = Field(None, ge=-(2**31), le=2**31 - 1)
-    stop_sequences: list[Annotated[str, Field(min_length=1)]] | None = Field(None, max_length=16)
+    stop_sequences: (
+        list[Annotated[str, Field(min_length=1, max_length=limits.MAX_STOP_SEQUENCE_LENGTH)]] | None
+    ) = Field(None, max_length=limits.MAX_STOP_SEQUENCES)
     response_mime_type: ResponseMimeType | None = None
     response_json_schema: JsonObject | bool | None = None
 
@@ -171,12 +173,16 @@ class FunctionDeclaration(_Strict):
 
 
 class Tool(_Strict):
-    function_declarations: list[FunctionDeclaration] = Field(min_length=1)
+    function_declarations: list[FunctionDeclaration] = Field(
+        min_length=1, max_length=limits.MAX_FUNCTION_DECLARATIONS
+    )
 
 
 class FunctionCallingConfig(_Strict):
     mode: FunctionCallingMode = FunctionCallingMode.AUTO
-    allowed_function_names: list[str] | None = None
+    allowed_function_names: list[Annotated[str, Field(max_length=limits.MAX_FUNCTION_NAME_LENGTH)]] | None = (
+        Field(None, max_length=limits.MAX_FUNCTION_DECLARATIONS)
+    )
 
 
 class ToolConfig(_Strict):
@@ -190,7 +196,7 @@ class GenerationInput(_Strict):
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     system_instruction: str = ""
     config: TextGenConfig = Field(default_factory=TextGenConfig)
-    tools: list[Tool] = Field(default_factory=list)
+    tools: list[Tool] = Field(default_factory=list, max_length=limits.MAX_FUNCTION_DECLARATIONS)
     tool_config: ToolConfig | None = None
 
     @model_validator(mode="before")

@@ -1,0 +1,226 @@
+"""The documented request limits (textgen.limits, docs/limits.md) over HTTP: each holds at its edge and is a
+400 naming the field one past it, refused before anything is validated item by item."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Account, Server, make_settings, run_server
+from tests.fakes.providers import FakeProvider
+from textgen import limits
+from textgen.structured import compile_schema, json_grammar
+
+CREATE = "/sse/text_generator/"
+LIMITS_DOC = (Path(__file__).resolve().parents[1] / "docs" / "limits.md").read_text()
+
+
+def body(**overrides: Any) -> dict[str, Any]:
+    return {"model_name": "fake-model", "messages": [{"role": "user", "content": "hi"}], **overrides}
+
+
+def declarations(n: int, start: int = 0) -> list[dict[str, Any]]:
+    return [{"name": f"f{i}"} for i in range(start, start + n)]
+
+
+def nested(depth: int) -> dict[str, Any]:
+    """A schema whose JSON nests ``depth`` objects (an ignored keyword holds the nesting)."""
+    schema: dict[str, Any] = {}
+    for _ in range(depth - 1):
+        schema = {"x": schema}
+    return {"type": "object", **schema} if schema else {"type": "object"}
+
+
+@pytest.fixture
+async def served(tmp_path: Path, models_file: Path) -> AsyncIterator[tuple[Server, Account]]:
+    settings = make_settings(tmp_path, models_file=models_file)
+    async with run_server(settings, {"fake": FakeProvider()}, run_worker=False) as server:
+        yield server, await server.account(credits=1_000_000)
+
+
+async def post(served: tuple[Server, Account], payload: dict[str, Any]) -> httpx.Response:
+    server, account = served
+    async with server.client(account) as client:
+        return await client.post(CREATE, json=payload)
+
+
+def user(text: str = "hi") -> dict[str, Any]:
+    return {"role": "user", "content": text}
+
+
+def parts(n: int) -> list[dict[str, Any]]:
+    return [{"type": "text", "text": "p"} for _ in range(n)]
+
+
+# (edge body, body one past the edge, the field the 400 names, words of the message)
+CASES: list[Any] = [
+    pytest.param(
+        body(messages=[user()] * limits.MAX_MESSAGES),
+        body(messages=[user()] * (limits.MAX_MESSAGES + 1)),
+        "messages: at most 1000 messages, not 1001",
+        id="messages",
+    ),
+    pytest.param(
+        body(messages=[{"role": "user", "content": parts(400)}, {"role": "user", "content": parts(600)}]),
+        body(messages=[{"role": "user", "content": parts(400)}, {"role": "user", "content": parts(601)}]),
+        "messages: at most 1000 content parts in all messages, not 1001",
+        id="content-parts",
+    ),
+    pytest.param(
+        body(
+            tools=[
+                {"function_declarations": declarations(500)},
+                {"function_declarations": declarations(12, 500)},
+            ]
+        ),
+        body(
+            tools=[
+                {"function_declarations": declarations(500)},
+                {"function_declarations": declarations(13, 500)},
+            ]
+        ),
+        "tools: at most 512 function declarations in all tools (Gemini's limit), not 513",
+        id="function-declarations",
+    ),
+    pytest.param(
+        body(tools=[{"function_declarations": [{"name": "a:b.c-d_" + "e" * 56}]}]),
+        body(tools=[{"function_declarations": [{"name": "a:b.c-d_" + "e" * 57}]}]),
+        "tools[0].function_declarations[0].name",
+        id="function-name-length",
+    ),
+    pytest.param(
+        body(tools=[{"function_declarations": [{"name": "_ns:get.v2-x"}]}]),
+        body(tools=[{"function_declarations": [{"name": "2get"}]}]),
+        "tools[0].function_declarations[0].name",
+        id="function-name-charset",
+    ),
+    pytest.param(
+        body(config={"stop_sequences": ["a", "b", "c", "d", "e"]}),
+        body(config={"stop_sequences": ["a", "b", "c", "d", "e", "f"]}),
+        "config.stop_sequences",
+        id="stop-sequences",
+    ),
+    pytest.param(
+        body(config={"stop_sequences": ["s" * 128]}),
+        body(config={"stop_sequences": ["s" * 129]}),
+        "config.stop_sequences[0]",
+        id="stop-sequence-length",
+    ),
+    pytest.param(
+        body(config={"response_json_schema": nested(64)}),
+        body(config={"response_json_schema": nested(65)}),
+        "config.response_json_schema: nested deeper than 64 objects and arrays",
+        id="schema-depth",
+    ),
+    pytest.param(
+        body(config={"response_json_schema": {"enum": [0] * 9998}}),
+        body(config={"response_json_schema": {"enum": [0] * 9999}}),
+        "config.response_json_schema: more than 10000 values",
+        id="schema-values",
+    ),
+    pytest.param(
+        body(config={"response_json_schema": {"type": "integer", "minimum": -(10**20 - 1)}}),
+        body(config={"response_json_schema": {"type": "integer", "minimum": -(10**20)}}),
+        "config.response_json_schema: minimum has more than 20 digits before the decimal point",
+        id="number-width",
+    ),
+    pytest.param(
+        body(
+            tools=[
+                {
+                    "function_declarations": [
+                        {"name": "f", "parameters": {"type": "object", "maximum": 10**20 - 1}}
+                    ]
+                }
+            ]
+        ),
+        body(
+            tools=[
+                {"function_declarations": [{"name": "f", "parameters": {"type": "object", "maximum": 1e20}}]}
+            ]
+        ),
+        "tools[0].function_declarations[0].parameters: maximum has more than 20 digits",
+        id="parameters-number-width",
+    ),
+]
+
+
+@pytest.mark.parametrize(("edge", "past", "named"), CASES)
+async def test_limit_holds_at_its_edge_and_one_past_it_is_a_400(
+    served: tuple[Server, Account], edge: dict[str, Any], past: dict[str, Any], named: str
+) -> None:
+    accepted = await post(served, edge)
+    assert accepted.status_code == 201, accepted.text
+    refused = await post(served, past)
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"].startswith(named), refused.json()
+
+
+async def test_thousand_digit_bounds_are_a_400_not_a_500(served: tuple[Server, Account]) -> None:
+    for kind in ("integer", "number"):
+        schema = {"type": kind, "minimum": int("1" + "7" * 999), "maximum": int("8" * 1000)}
+        response = await post(served, body(config={"response_json_schema": schema}))
+        assert response.status_code == 400, response.text
+        assert "minimum has more than 20 digits" in response.json()["error"]
+
+
+def test_bounds_at_the_width_limit_make_a_small_grammar() -> None:
+    # The widest bounds allowed, with digits that need every kind of alternative: the grammar stays small.
+    lo, hi = -(10**20 - 1), 98765432109876543210
+    for kind in ("integer", "number"):
+        grammar = json_grammar(compile_schema({"type": kind, "minimum": lo, "maximum": hi}))
+        assert len(grammar) < 64 * 1024, len(grammar)
+
+
+async def test_allowed_function_names_are_bounded(served: tuple[Server, Account]) -> None:
+    tools = [{"function_declarations": declarations(2)}]
+    config = {"mode": "ANY", "allowed_function_names": ["f0"] * (limits.MAX_FUNCTION_DECLARATIONS + 1)}
+    response = await post(served, body(tools=tools, tool_config={"function_calling_config": config}))
+    assert response.status_code == 400, response.text
+    assert response.json()["error"].startswith("tool_config.function_calling_config.allowed_function_names")
+
+
+def test_docs_state_every_limit() -> None:
+    stated = {
+        limits.MAX_STOP_SEQUENCES: "| `config.stop_sequences` | at most {:,} |",
+        limits.MAX_FUNCTION_DECLARATIONS: "in all `tools` together | at most {:,} |",
+        limits.MAX_FUNCTION_NAME_LENGTH: "| 1 to {} characters; starts with a letter or `_`; then letters, digits, `_`, `.`, `:`, `-`",
+        limits.MAX_MESSAGES: "| `messages` | 1 to {:,} messages |",
+        limits.MAX_CONTENT_PARTS: "| at most {:,} in all messages together |",
+        limits.MAX_STOP_SEQUENCE_LENGTH: "| each of `config.stop_sequences` | 1 to {:,} characters |",
+        limits.MAX_SCHEMA_DEPTH: "nested at most {:,} objects and arrays deep",
+        limits.MAX_SCHEMA_VALUES: "at most {:,} JSON values",
+        limits.MAX_NUMBER_DIGITS: "at most {} digits before the decimal point",
+        limits.MAX_ARRAY_ITEMS: "array items generated | at most {:,}",
+        limits.MAX_GRAMMAR_BYTES // 1024: "and {} KiB of grammar",
+        limits.MAX_EXAMINED_ERRORS: "examines at most its first {} errors",
+        limits.MAX_DESCRIBED_ERRORS: "names the first {}",
+    }
+    for value, phrase in stated.items():
+        assert phrase.format(value) in LIMITS_DOC, phrase.format(value)
+    assert f"{limits.GRAMMAR_BUILD_SECONDS:g} s and" in LIMITS_DOC
+
+
+class _BrokenCheck(FakeProvider):
+    def check(self, spec: Any, request: Any) -> None:
+        raise RecursionError("maximum recursion depth exceeded")
+
+
+async def test_a_check_that_fails_inside_is_a_logged_503_not_a_500(
+    tmp_path: Path, models_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings(tmp_path, models_file=models_file)
+    async with run_server(settings, {"fake": _BrokenCheck()}, run_worker=False) as server:
+        account = await server.account()
+        async with server.client(account) as client:
+            response = await client.post(CREATE, json=body())
+            assert response.status_code == 503, response.text
+            assert response.headers["retry-after"] == "1"
+            assert "fake-model" in response.json()["error"]
+            tasks = (await client.get(CREATE)).json()["results"]
+    assert tasks == []
+    assert any("RecursionError" in (r.exc_text or "") for r in caplog.records), caplog.text
