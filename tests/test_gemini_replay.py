@@ -8,6 +8,7 @@ the HTTP status of a stream refused before its first chunk, and the credits char
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from pathlib import Path
@@ -247,6 +248,27 @@ async def test_generate_recording_through_the_service(tmp_path: Path, name: str,
         check_generation(task, expected, recording.exchange)
         assert len(fake.generate_requests) == 1
         assert await balance(server, account) == pytest.approx(CREDITS - task["credits_used"])
+
+
+async def test_unary_answer_gzip_encoded_as_recorded(tmp_path: Path) -> None:
+    """The recorded unary answers came with Content-Encoding: gzip (generate/g17's headers): read the same."""
+    recording = by_name("g17")
+    [expected] = expectations(recording)
+    exchange = recording.exchange
+    assert json.loads(recording.path.read_text())["interactions"][0]["response"]["headers"][
+        "Content-Encoding"
+    ] == ("gzip")
+    compressed = Replay(
+        200, gzip.compress(exchange.body), exchange.content_type, {"content-encoding": "gzip"}
+    )
+    async with fake_gemini() as (fake, url), gemini_service(tmp_path, url) as server:
+        account = await server.account(credits=CREDITS)
+        fake.replay(compressed)
+        async with server.client(account) as client:
+            response = await client.post(CREATE, json=body_for("gemini-2.5-flash", sync=True))
+        task = response.json()
+        check_generation(task, expected, exchange)
+        assert "gzip" in fake.last.headers.get("accept-encoding", "")
 
 
 async def test_parallel_calls_round_trip_with_the_signature_on_the_first_only(tmp_path: Path) -> None:
