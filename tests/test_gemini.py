@@ -264,11 +264,9 @@ async def test_more_than_gemini_takes_is_refused_before_anything_is_sent(tmp_pat
             )
             tools = await client.post("/sse/text_generator/", json={**GUIDE_BODY, "tools": many_tools})
         assert stops.status_code == 400
-        assert (
-            stops.json()["error"] == "config.stop_sequences: Gemini takes at most 5 stop sequences (6 given)"
-        )
+        assert stops.json()["error"].startswith("config.stop_sequences: ")
         assert tools.status_code == 400
-        assert tools.json()["error"] == "tools: Gemini takes at most 512 function declarations (513 given)"
+        assert tools.json()["error"].startswith("tools: at most 512 function declarations")
         assert fake.generate_requests == []
         assert await balance(server, account) == 5
         five = await create(

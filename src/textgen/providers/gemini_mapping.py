@@ -32,9 +32,6 @@ GEMINI_VIDEO_TYPES = frozenset(
     }
 )
 MIME_SYNONYMS = {"video/quicktime": "video/mov", "video/x-ms-wmv": "video/wmv"}
-# Gemini refuses a request past these (errors/e18 of the recorded answers; GenerationConfig's documentation).
-MAX_STOP_SEQUENCES = 5
-MAX_FUNCTION_DECLARATIONS = 512
 
 CONTEXT_TOKENS = 1_048_576  # Gemini refuses longer prompts, so no estimate needs to be larger
 IMAGE_TILE = 768
@@ -58,18 +55,8 @@ def gemini_mime(mime_type: str) -> str:
 
 
 def check_request(request: GenerationInput) -> None:
-    """Refuse, before any work, what Gemini would refuse: media types outside its lists, bad signatures, more stop
-    sequences or function declarations than it takes."""
-    stops = request.config.stop_sequences or []
-    if len(stops) > MAX_STOP_SEQUENCES:
-        raise BadRequest(
-            f"config.stop_sequences: Gemini takes at most {MAX_STOP_SEQUENCES} stop sequences ({len(stops)} given)"
-        )
-    declarations = len(request.function_declarations)
-    if declarations > MAX_FUNCTION_DECLARATIONS:
-        raise BadRequest(
-            f"tools: Gemini takes at most {MAX_FUNCTION_DECLARATIONS} function declarations ({declarations} given)"
-        )
+    """Refuse, before any work, what Gemini would refuse: media types outside its lists, bad signatures (its
+    limits on stop sequences and function declarations are the request's own, ``textgen.limits``)."""
     for i, message in enumerate(request.messages):
         if not isinstance(message.content, str):
             for j, part in enumerate(message.content):
