@@ -232,7 +232,7 @@ async def test_unusable_parameter_schema_is_a_400(tmp_path: Path) -> None:
         async with server.client(account) as client:
             response = await client.post("/sse/text_generator/", json=request("hi", [bad], "ANY"))
             assert response.status_code == 400
-            assert "tools.function_declarations[0].parameters" in response.json()["error"]
+            assert "tools[0].function_declarations[0].parameters" in response.json()["error"]
             response = await client.post(
                 "/sse/text_generator/",
                 json=request("hi", [{**WEATHER, "parameters": {"type": "string"}}], "ANY"),

@@ -8,7 +8,15 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from textgen import limits, media
 from textgen.states import TaskStatus
@@ -155,11 +163,16 @@ class TextGenConfig(_Strict):
     response_mime_type: ResponseMimeType | None = None
     response_json_schema: JsonObject | bool | None = None
 
+    @field_validator("response_json_schema")
+    @classmethod
+    def _json_schema_needs_json(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and info.data.get("response_mime_type") is ResponseMimeType.text_plain:
+            raise ValueError("requires response_mime_type 'application/json' (it is 'text/plain')")
+        return value
+
     @model_validator(mode="after")
     def _json_schema_implies_json(self) -> TextGenConfig:
         if self.response_json_schema is not None:
-            if self.response_mime_type is ResponseMimeType.text_plain:
-                raise ValueError("response_json_schema requires response_mime_type 'application/json'")
             self.response_mime_type = ResponseMimeType.application_json
         return self
 

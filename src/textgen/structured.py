@@ -26,6 +26,7 @@ output is still checked with ``jsonschema`` after generation.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -219,7 +220,7 @@ class _Normaliser:
         if schema is True:
             return ANY
         if schema is False:
-            raise SchemaProblem(f"{where or '/'}: the schema 'false' accepts no value")
+            raise SchemaProblem(f"{_at(where)}the schema 'false' accepts no value")
         done = self.done.get(id(schema))
         if done is None:
             done = self.done[id(schema)] = self._shape(schema, where)
@@ -230,7 +231,7 @@ class _Normaliser:
             return self._ref(schema["$ref"], where)
         if "enum" in schema:
             if not isinstance(schema["enum"], list) or not schema["enum"]:
-                raise SchemaProblem(f"{where or '/'}: enum must be a non-empty array")
+                raise SchemaProblem(f"{_at(where)}enum must be a non-empty array")
             return {"enum": schema["enum"]}
         for keyword in ("anyOf", "oneOf"):
             if keyword in schema:
@@ -243,7 +244,7 @@ class _Normaliser:
                     if sub is not False  # a branch nothing matches
                 ]
                 if not branches:
-                    raise SchemaProblem(f"{where or '/'}: every branch of {keyword} is the schema 'false'")
+                    raise SchemaProblem(f"{_at(where)}every branch of {keyword} is the schema 'false'")
                 return {"anyOf": branches}
         kind = schema.get("type") or _infer_type(schema)
         if isinstance(kind, list):
@@ -256,7 +257,9 @@ class _Normaliser:
         if kind in ("integer", "number"):
             lo, hi = schema.get("minimum"), schema.get("maximum")
             if lo is not None and hi is not None and lo > hi:
-                raise SchemaProblem(f"{where or '/'}: minimum {lo} is greater than maximum {hi}")
+                raise SchemaProblem(f"{_at(where)}minimum {lo} is greater than maximum {hi}")
+            if kind == "integer" and _no_integer_between(lo, hi):
+                raise SchemaProblem(f"{_at(where)}no integer lies between minimum {lo} and maximum {hi}")
             return {"type": kind, **{k: v for k, v in schema.items() if k in ("minimum", "maximum")}}
         if kind == "string" and schema.get("format") in _FORMATS:
             return {"type": "string", "format": schema["format"]}
@@ -275,10 +278,10 @@ class _Normaliser:
         for name in required:
             if name not in props:
                 if additional is False:
-                    raise SchemaProblem(
-                        f"{where or '/'}: required {name!r} is forbidden by additionalProperties"
-                    )
-                out[name] = ANY if additional is None else self.node(additional, f"{where}/{name}")
+                    raise SchemaProblem(f"{_at(where)}required {name!r} is forbidden by additionalProperties")
+                out[name] = (
+                    ANY if additional is None else self.node(additional, f"{where}/additionalProperties")
+                )
         shaped: dict[str, Any] = {"type": "object"}
         if out:
             shaped["properties"] = out
@@ -292,10 +295,10 @@ class _Normaliser:
     def _array(self, schema: dict[str, Any], where: str) -> dict[str, Any]:
         lo, hi = schema.get("minItems", 0), schema.get("maxItems")
         if hi is not None and lo > hi:
-            raise SchemaProblem(f"{where or '/'}: minItems {lo} is greater than maxItems {hi}")
+            raise SchemaProblem(f"{_at(where)}minItems {lo} is greater than maxItems {hi}")
         if lo > limits.MAX_ARRAY_ITEMS:
             raise SchemaProblem(
-                f"{where or '/'}: minItems {lo} is more than the {limits.MAX_ARRAY_ITEMS} items "
+                f"{_at(where)}minItems {lo} is more than the {limits.MAX_ARRAY_ITEMS} items "
                 "the local model can generate"
             )
         prefix, items = schema.get("prefixItems"), schema.get("items")
@@ -306,7 +309,7 @@ class _Normaliser:
             return {"enum": [[]]}
         shaped: dict[str, Any] = {
             "type": "array",
-            "items": self.node(True if items is None else items, where),
+            "items": self.node(True if items is None else items, f"{where}/items"),
         }
         shaped["minItems"] = lo
         if hi is not None:
@@ -316,11 +319,15 @@ class _Normaliser:
 
     def _ref(self, ref: Any, where: str) -> dict[str, Any]:
         if not isinstance(ref, str):
-            raise SchemaProblem(f"{where or '/'}: $ref must be a string")
+            raise SchemaProblem(f"{_at(where)}$ref must be a string")
         key = self.key + ref
         if key not in self.targets:
             self.targets[key] = ANY  # replaced once the target is rewritten (it may refer to itself)
-            self._pending.append((key, self._resolve(ref), ref))
+            try:
+                target = self._resolve(ref)
+            except SchemaProblem as exc:
+                raise SchemaProblem(f"{_at(where)}{exc}") from None
+            self._pending.append((key, target, ref))
         return {"$ref": key}
 
     def _resolve(self, ref: str) -> Any:
@@ -347,6 +354,18 @@ class _Normaliser:
         if not isinstance(node, dict | bool):
             raise SchemaProblem(f"$ref {ref!r} does not point to a schema")
         return node
+
+
+def _at(where: str) -> str:
+    """The location of a problem in the schema, as a prefix ("" at its root)."""
+    return f"{where}: " if where else ""
+
+
+def _no_integer_between(lo: Any, hi: Any) -> bool:
+    numbers = [
+        v for v in (lo, hi) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    ]
+    return len(numbers) == 2 and math.ceil(numbers[0]) > math.floor(numbers[1])
 
 
 def _infer_type(schema: dict[str, Any]) -> str | None:

@@ -17,11 +17,14 @@ from textgen.errors import TextgenError
 log = logging.getLogger("textgen.http")
 
 _TYPE_LOCS = {"str", "int", "float", "bool", "list", "dict", "none"}
+_PART_TAGS = {"text", "image", "video"}  # the "type" of a content part, which pydantic puts in the location
+_TAG_ERRORS = {"union_tag_invalid", "union_tag_not_found"}
 
 
 def _loc(parts: tuple[Any, ...], enclosing: set[str] | None = None) -> str:
     """The location as the client wrote it; adds each enclosing location to ``enclosing``."""
     out = ""
+    shown: list[Any] = []
     for part in parts:
         if isinstance(part, int):
             piece = f"[{part}]"
@@ -29,11 +32,32 @@ def _loc(parts: tuple[Any, ...], enclosing: set[str] | None = None) -> str:
             text = str(part)
             if "[" in text or text in _TYPE_LOCS or text.startswith("function-"):
                 continue
+            if (
+                text in _PART_TAGS
+                and len(shown) >= 2
+                and isinstance(shown[-1], int)
+                and shown[-2] == "content"
+            ):
+                shown.append(None)  # the union member pydantic tried (the part's "type"), not a field
+                continue
             piece = f".{text}" if out else text
+        shown.append(part)
         if out and enclosing is not None:
             enclosing.add(out)
         out += piece
     return out
+
+
+def _field_of(error: Any) -> tuple[Any, ...]:
+    loc: tuple[Any, ...] = error["loc"]
+    # A content part without a known "type": the field at fault is its "type".
+    return (*loc, "type") if error["type"] in _TAG_ERRORS else loc
+
+
+def _message(error: Any) -> str:
+    if error["type"] == "union_tag_not_found":
+        return "Field required"
+    return str(error["msg"]).removeprefix("Value error, ")
 
 
 def describe_validation(exc: ValidationError) -> str:
@@ -48,7 +72,7 @@ def describe_validation(exc: ValidationError) -> str:
     # first errors are examined (pydantic reports a field's branches together), the rest are counted.
     examined = errors[: limits.MAX_EXAMINED_ERRORS]
     enclosing: set[str] = set()
-    located = [(_loc(e["loc"], enclosing), e["msg"].removeprefix("Value error, ")) for e in examined]
+    located = [(_loc(_field_of(e), enclosing), _message(e)) for e in examined]
     kept = [(where, msg) for where, msg in located if where not in enclosing]
     messages = list(dict.fromkeys(f"{where or 'request body'}: {msg}" for where, msg in kept))
     shown = limits.MAX_DESCRIBED_ERRORS

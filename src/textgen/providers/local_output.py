@@ -126,8 +126,14 @@ def plan_output(request: GenerationInput, budget: Budget | None = None) -> Outpu
     functions: dict[str, CompiledSchema] = {}
     alternatives = []
     index = {d.name: i for i, d in enumerate(request.function_declarations)}
+    # Where the client wrote each declaration: tools[i].function_declarations[j].
+    written = {
+        d.name: f"tools[{i}].function_declarations[{j}]"
+        for i, tool in enumerate(request.tools)
+        for j, d in enumerate(tool.function_declarations)
+    }
     for declaration in declarations:
-        where = f"tools.function_declarations[{index[declaration.name]}].parameters"
+        where = f"{written[declaration.name]}.parameters"
         schema = declaration.parameters if declaration.parameters is not None else {"type": "object"}
         try:
             params = compile_schema(schema)
