@@ -237,6 +237,27 @@ async def test_listing_is_newest_first_paginated_and_filtered(settings: Settings
             assert len(pending["results"]) == 7 and pending["next"] is None
 
 
+async def test_a_page_has_20_tasks_unless_limit_says_otherwise(settings: Settings) -> None:
+    async with run_server(settings, {"fake": FakeProvider()}, run_worker=False) as server:
+        account = await server.account(credits=10_000)
+        async with server.client(account) as client:
+            for _ in range(21):
+                assert (await client.post(CREATE, json=body())).status_code == 201
+            page = (await client.get(CREATE)).json()
+        assert len(page["results"]) == 20 and "limit=20" in page["next"]
+
+
+async def test_polling_counts_against_the_rate_limit_like_any_call(settings: Settings) -> None:
+    async with run_server(settings, {"fake": FakeProvider()}, run_worker=False) as server:
+        account = await server.account(rate_limit=3)
+        async with server.client(account) as client:
+            task = (await client.post(CREATE, json=body())).json()
+            for _ in range(2):
+                assert (await client.get(f"{CREATE}{task['id']}/")).status_code == 200
+            refused = await client.get(f"{CREATE}{task['id']}/")
+        assert refused.status_code == 429, refused.text
+
+
 async def test_accounts_never_see_each_others_tasks(settings: Settings) -> None:
     async with run_server(settings, {"fake": FakeProvider()}) as server:
         alice, bob = await server.account(name="alice"), await server.account(name="bob")

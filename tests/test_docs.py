@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import yaml
+
 from textgen.cli import parser
 from textgen.settings import Settings, env_name, settings_table
 
@@ -40,3 +42,42 @@ def test_documented_commands_exist() -> None:
 def test_docs_link_to_existing_files() -> None:
     for target in re.findall(r"\]\((docs/[^)#]+)\)", README):
         assert (ROOT / target).exists(), target
+
+
+def test_stop_timeouts_of_the_deploy_examples_are_the_documented_ones() -> None:
+    """Every example gives the process manager the stop timeout docs/deployment.md states, above the shutdown
+    timeout it gives textgen."""
+    deployment = (ROOT / "docs" / "deployment.md").read_text()
+    found = re.search(r"the examples use (\d+) s for (\d+) s", deployment)
+    assert found, "docs/deployment.md no longer states the examples' stop timeout"
+    stop, shutdown = int(found[1]), int(found[2])
+    assert stop > shutdown
+
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    textgen = compose["x-textgen"]
+    assert textgen["stop_grace_period"] == f"{stop}s"
+    assert textgen["environment"]["TEXTGEN_SHUTDOWN_TIMEOUT_SECONDS"] == str(shutdown)
+    for name, service in compose["services"].items():
+        if service.get("image") == textgen["image"] and name != "migrate":
+            assert service["stop_grace_period"] == f"{stop}s", name
+
+    systemd = ROOT / "deploy" / "systemd"
+    for unit in ("textgen-api.service", "textgen-worker@.service"):
+        assert re.search(rf"^TimeoutStopSec={stop}$", (systemd / unit).read_text(), re.M), unit
+    assert re.search(
+        rf"^TEXTGEN_SHUTDOWN_TIMEOUT_SECONDS={shutdown}$", (systemd / "textgen.env").read_text(), re.M
+    )
+
+
+def test_the_procfile_is_described_as_it_is() -> None:
+    deployment = (ROOT / "docs" / "deployment.md").read_text()
+    described = deployment.split("- `deploy/Procfile`:", 1)[1].split("\n- ", 1)[0]
+    processes = dict(
+        line.split(":", 1)
+        for line in (ROOT / "deploy" / "Procfile").read_text().splitlines()
+        if line[:1].isalpha()
+    )
+    assert set(processes) == {"api", "worker"}
+    workers = re.search(r"--workers (\d+)", processes["api"])
+    assert workers and f"`serve --no-migrate --workers {workers[1]}`" in described
+    assert "one `textgen worker`" in described and processes["worker"].strip() == "textgen worker"

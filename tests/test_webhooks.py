@@ -101,6 +101,9 @@ async def serve_receiver(receiver: Receiver, port: int = 0) -> AsyncIterator[str
         sock.close()
 
 
+CREATE = "/sse/text_generator/"
+
+
 # ---- helpers --------------------------------------------------------------------------------------
 
 
@@ -228,6 +231,25 @@ async def test_failed_task_is_delivered_too(tmp_path: Path, models_file: Path) -
         assert payload["status"] == "failed"
         assert payload["failed_reason"] == "upstream exploded"
         assert payload["id"] == task["id"]
+
+
+async def test_a_sync_task_with_a_webhook_url_is_answered_and_delivered(
+    tmp_path: Path, models_file: Path
+) -> None:
+    receiver = Receiver()
+    async with (
+        serve_receiver(receiver) as hook,
+        run_server(settings_for(tmp_path, models_file), {"fake": FakeProvider()}) as server,
+    ):
+        account = await server.account()
+        async with server.client(account) as client:
+            response = await client.post(CREATE, json={**body(f"{hook}/sync"), "sync": True})
+        assert response.status_code == 201, response.text
+        task = response.json()
+        assert task["status"] == "done"
+        [seen] = await receiver.wait(1)
+        payload = Webhook(await secret_of(server, account)).verify(seen.body, seen.headers)
+        assert payload["id"] == task["id"] and payload["response_text"] == task["response_text"]
 
 
 async def test_no_webhook_url_means_no_delivery(tmp_path: Path, models_file: Path) -> None:

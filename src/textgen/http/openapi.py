@@ -148,7 +148,8 @@ def build_openapi() -> dict[str, Any]:
                     {
                         "name": "limit",
                         "in": "query",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+                        "description": "Tasks per page: 20 unless given; at most TEXTGEN_LIST_MAX_LIMIT (100).",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
                     },
                     {
                         "name": "status",
