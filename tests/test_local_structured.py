@@ -127,7 +127,8 @@ async def test_truncated_json_fails_the_task_with_a_reason(tmp_path: Path) -> No
             task = (await client.post("/sse/text_generator/", json=body)).json()
             assert task["status"] == "failed"
             assert "max_output_tokens (4)" in task["failed_reason"]
-            assert task["credits_used"] == 0
+            # The four tokens were generated: they are charged, unusable as they are.
+            assert task["output_tokens"] == 4 and task["credits_used"] > 0
 
 
 @pytest.mark.parametrize(

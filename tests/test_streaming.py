@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from httpx_sse import aconnect_sse
 
 from tests.conftest import Account, Server, make_settings, run_server
@@ -120,7 +121,7 @@ async def test_errors_before_the_stream_are_http_statuses(settings: Settings) ->
         assert tasks[1].credits_used == 0 and tasks[1].failed_reason == "upstream said: quota exhausted"
 
 
-async def test_mid_stream_failure_sends_error_event_and_charges_nothing(settings: Settings) -> None:
+async def test_mid_stream_failure_sends_error_event_and_charges_what_was_sent(settings: Settings) -> None:
     fake = FakeProvider(fail_after_chunks=2)
     async with run_server(settings, {"fake": fake}) as server:
         account = await server.account(credits=100)
@@ -133,8 +134,11 @@ async def test_mid_stream_failure_sends_error_event_and_charges_nothing(settings
         task = await server.wait_for(account, error["creatify"]["id"])
         assert task["status"] == "failed"
         assert "connection reset" in task["failed_reason"]
-        assert task["credits_used"] == 0
-        assert await balance(server, account) == 100
+        assert task["response_text"] == "echo: one"  # what the client was sent
+        # The two chunks sent: 7 + 2 tokens at 1000 USD per 1M, 100 credits per USD.
+        assert (task["input_tokens"], task["output_tokens"]) == (7, 2)
+        assert task["credits_used"] == error["creatify"]["credits_used"] == pytest.approx(0.9)
+        assert await balance(server, account) == pytest.approx(100 - 0.9)
 
 
 async def test_keepalive_comments_while_upstream_is_silent(tmp_path: Path, models_file: Path) -> None:

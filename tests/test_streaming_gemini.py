@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from httpx_sse import aconnect_sse
 
 from tests.conftest import Server
@@ -59,7 +60,7 @@ async def test_upstream_error_before_the_first_chunk_is_an_http_status(tmp_path:
             assert (await client.get("/api/remaining_credits/")).json()["remaining_credits"] == 100
 
 
-async def test_mid_stream_upstream_error_is_an_error_event_and_free(tmp_path: Path) -> None:
+async def test_mid_stream_upstream_error_is_an_error_event_charged_for_what_was_sent(tmp_path: Path) -> None:
     async with fake_gemini(chunks=6) as (fake, url), gemini_service(tmp_path, url) as server:
         account = await server.account(credits=100)
         fake.add_fault(Fault(error_after_chunks=3))
@@ -69,9 +70,14 @@ async def test_mid_stream_upstream_error_is_an_error_event_and_free(tmp_path: Pa
         error = events[-1][1]
         assert "fake mid-stream failure" in error["error"]["message"]
         task = await server.wait_for(account, error["creatify"]["id"])
-        assert task["status"] == "failed" and task["credits_used"] == 0
+        # Charged per the usage of the last chunk relayed (the running totals of the three sent).
+        usage = events[-2][1]["usageMetadata"]
+        assert task["status"] == "failed" and task["output_tokens"] == usage["candidatesTokenCount"] > 0
+        assert task["input_tokens"] == usage["promptTokenCount"]
+        assert task["credits_used"] == error["creatify"]["credits_used"] > 0
         async with server.client(account) as client:
-            assert (await client.get("/api/remaining_credits/")).json()["remaining_credits"] == 100
+            remaining = (await client.get("/api/remaining_credits/")).json()["remaining_credits"]
+        assert remaining == pytest.approx(100 - task["credits_used"])
 
 
 async def test_client_disconnect_closes_the_gemini_stream(tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 
 class TextgenError(Exception):
     status_code = 500
@@ -65,8 +67,19 @@ class RateLimited(TextgenError):
     status_code = 429
 
 
+@dataclass(frozen=True, slots=True)
+class TokenUsage:
+    """The tokens a generation used: counted by the local model, reported by an upstream."""
+
+    input_tokens: int
+    output_tokens: int
+
+
 class UpstreamError(TextgenError):
-    """The model provider failed; ``status_code`` is what the client should see."""
+    """The model provider failed; ``status_code`` is what the client should see.
+
+    ``usage`` is set when the failed generation used tokens that are billed all the same: the local model
+    generated them, or the upstream reported them (Gemini bills an answer it blocked)."""
 
     status_code = 502
 
@@ -77,11 +90,13 @@ class UpstreamError(TextgenError):
         status_code: int = 502,
         retryable: bool = False,
         retry_after: float | None = None,
+        usage: TokenUsage | None = None,
     ) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.retryable = retryable
         self.retry_after = retry_after
+        self.usage = usage
 
 
 class ServiceUnavailable(TextgenError):

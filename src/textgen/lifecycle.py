@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 
 from textgen import metrics
 from textgen.capacity import Capacity, Slot
 from textgen.catalog import ModelSpec, Pricing
-from textgen.errors import StorageUnavailable, TextgenError
+from textgen.errors import StorageUnavailable, TextgenError, UpstreamError
 from textgen.notify import Wakeups
 from textgen.protocol import GenerationInput
 from textgen.providers import Generation, ProviderRegistry
@@ -224,19 +225,33 @@ class Lifecycle:
             else:
                 raise  # cancelled from outside (shutdown, a sync timeout): the caller settles
         except Exception as exc:
-            outcome = self.failure(task, exc)
+            outcome = self.failure(task, exc, progress.generation())
         finally:
             add_upstream(lease.stop())
             if not generation.done():
                 generation.cancel()
         return await lease.settle(outcome)
 
-    def failure(self, task: TaskRow, exc: BaseException) -> Outcome:
-        """The outcome of a generation that raised ``exc``."""
+    def failure(self, task: TaskRow, exc: BaseException, produced: Generation | None = None) -> Outcome:
+        """The outcome of a generation that raised ``exc`` after producing ``produced`` (if anything).
+
+        It is charged for the tokens it used when it delivered output, or when the provider counted them
+        with the failure (the local model's unusable output, an answer Gemini blocked but bills); a failure
+        before the first token, with nothing reported, is charged nothing."""
         if isinstance(exc, TextgenError):
-            return Outcome.failed(exc.message)
-        log.error("task %s: generation failed", task.id, exc_info=exc)
-        return Outcome.failed(f"internal error while generating (task {task.id}, see server log)")
+            reason = exc.message
+        else:
+            log.error("task %s: generation failed", task.id, exc_info=exc)
+            reason = f"internal error while generating (task {task.id}, see server log)"
+        usage = exc.usage if isinstance(exc, UpstreamError) else None
+        produced = produced or Generation(text="")
+        if usage is not None:  # the counts that came with the failure are the latest
+            produced = dataclasses.replace(
+                produced, input_tokens=usage.input_tokens, output_tokens=usage.output_tokens
+            )
+        elif not (produced.output_tokens or produced.text or produced.function_calls):
+            return Outcome.failed(reason)
+        return self.stopped(task, produced, reason)
 
     def outcome(self, model_name: str, result: Generation, status: TaskStatus = TaskStatus.DONE) -> Outcome:
         """What a generation produced, priced by its real token counts."""

@@ -67,8 +67,8 @@ class _Accumulated:
     def add(self, chunk: StreamChunk) -> None:
         self.text.append(chunk.text)
         self.calls.extend(chunk.function_calls)
-        self.input_tokens = max(self.input_tokens, chunk.input_tokens)
-        self.output_tokens = max(self.output_tokens, chunk.output_tokens)
+        if chunk.input_tokens or chunk.output_tokens:  # the last counts reported are the running totals
+            self.input_tokens, self.output_tokens = chunk.input_tokens, chunk.output_tokens
         self.finish_reason = chunk.finish_reason or self.finish_reason
 
     def generation(self) -> Generation:
@@ -186,19 +186,19 @@ class StreamSession:
                 raise  # the client went away (abort settles) or the server stops
             with contextlib.suppress(Exception):
                 await self._chunks.aclose()  # type: ignore[attr-defined]
-            await self._lease.settle(
+            finished = await self._lease.settle(
                 self._lifecycle.stopped(self.task, self._acc.generation(), CANCELLED_REASON)
             )
-            yield self._error_event(f"task {self.task.id} was cancelled", 409)
+            yield self._error_event(f"task {self.task.id} was cancelled", 409, finished)
             return
         except Exception as exc:
-            outcome = self._lifecycle.failure(self.task, exc)
-            await self._lease.settle(outcome)
+            outcome = self._lifecycle.failure(self.task, exc, self._acc.generation())
+            finished = await self._lease.settle(outcome)
             # A finishing chunk, then an error after it (Gemini's raw JSON tail): the chunk is relayed first.
             if held is not None:
                 yield StreamEvent(gemini_chunk(held, self.task.model_name, self.task.id))
             status = getattr(exc, "status_code", 502) if isinstance(exc, TextgenError) else 502
-            yield self._error_event(outcome.failed_reason, status)
+            yield self._error_event(outcome.failed_reason, status, finished)
             return
         finished = await self._lease.settle(
             self._lifecycle.outcome(self.task.model_name, self._acc.generation())
@@ -211,11 +211,13 @@ class StreamSession:
         data["creatify"] = {"id": self.task.id, "credits_used": credits}
         yield StreamEvent(data)
 
-    def _error_event(self, message: str, status: int) -> StreamEvent:
+    def _error_event(self, message: str, status: int, finished: TaskRow | None) -> StreamEvent:
+        """The event that ends a failed stream, with what the task was charged for what it sent."""
+        credits = from_micro(finished.credits_used) if finished else 0.0
         return StreamEvent(
             {
                 "error": {"code": status, "message": message},
-                "creatify": {"id": self.task.id, "credits_used": 0.0},
+                "creatify": {"id": self.task.id, "credits_used": credits},
             },
             event="error",
         )

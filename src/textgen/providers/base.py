@@ -44,7 +44,7 @@ class Generation:
 
 @dataclass(slots=True)
 class StreamChunk:
-    """One piece of a streamed generation; token counts are cumulative so far."""
+    """One piece of a streamed generation; token counts are cumulative so far (0 and 0: not reported)."""
 
     text: str = ""
     function_calls: list[FunctionCall] = field(default_factory=list)
@@ -67,8 +67,8 @@ class Progress:
 
     def add(self, chunk: StreamChunk) -> None:
         self.text.append(chunk.text)
-        self.input_tokens = max(self.input_tokens, chunk.input_tokens)
-        self.output_tokens = max(self.output_tokens, chunk.output_tokens)
+        if chunk.input_tokens or chunk.output_tokens:  # the last counts reported are the running totals
+            self.input_tokens, self.output_tokens = chunk.input_tokens, chunk.output_tokens
 
     def generation(self) -> Generation:
         return Generation(

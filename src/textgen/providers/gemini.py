@@ -24,7 +24,7 @@ from google import genai
 from google.genai import types
 
 from textgen.catalog import ModelSpec
-from textgen.errors import UpstreamError
+from textgen.errors import TokenUsage, UpstreamError
 from textgen.protocol import GenerationInput
 from textgen.providers import gemini_mapping as mapping
 from textgen.providers import gemini_wire as wire
@@ -90,7 +90,7 @@ class GeminiProvider:
                         raise wire.api_error(response.status, body, response.headers.get("retry-after"))
                 return wire.decode_response(body)
 
-            return wire.to_generation(await self._with_retries(attempt))
+            return _read(wire.to_generation, await self._with_retries(attempt))
 
     async def stream(
         self, spec: ModelSpec, request: GenerationInput, *, account: str
@@ -113,7 +113,7 @@ class GeminiProvider:
                     first = await anext(events, None)
                     if first is None:
                         raise UpstreamError("Gemini ended the stream without sending anything")
-                    return response, events, wire.to_chunk(first)
+                    return response, events, _read(wire.to_chunk, first)
                 except BaseException:
                     await _close(response, events)
                     raise
@@ -133,7 +133,7 @@ class GeminiProvider:
                         if failure is None:
                             raise
                         raise to_error(failure) from exc
-                    yield wire.to_chunk(event)
+                    yield _read(wire.to_chunk, event)
             finally:
                 await _close(response, events)
 
@@ -274,6 +274,17 @@ class GeminiProvider:
                 functools.partial(client.aio.files.get, name=uploaded.name or "")
             )
         return uploaded
+
+
+def _read(convert: Callable[[dict[str, Any]], T], response: dict[str, Any]) -> T:
+    """``convert`` an answer; one that failed (a blocked prompt, a SAFETY finish) keeps the usage Gemini
+    reported with it, as Gemini bills those tokens."""
+    try:
+        return convert(response)
+    except UpstreamError as exc:
+        if exc.usage is None and isinstance(response.get("usageMetadata"), dict):
+            exc.usage = TokenUsage(*wire.usage_tokens(response))
+        raise
 
 
 def _encode(body: dict[str, Any]) -> bytes:

@@ -24,7 +24,7 @@ from typing import Any, cast
 
 from textgen import metrics
 from textgen.catalog import ModelSpec
-from textgen.errors import BadRequest, ConfigurationError, UpstreamError
+from textgen.errors import BadRequest, ConfigurationError, TokenUsage, UpstreamError
 from textgen.protocol import GenerationInput
 from textgen.providers.base import (
     FunctionCall,
@@ -446,7 +446,11 @@ class LocalProvider:
                             model_version=spec.name,
                         )
                         continue
-                    text, calls = plan.interpret(raw, finish, job.max_tokens)
+                    try:
+                        text, calls = plan.interpret(raw, finish, job.max_tokens)
+                    except UpstreamError as exc:  # the output is unusable, but it was generated
+                        exc.usage = TokenUsage(prompt_tokens, output_tokens)
+                        raise
                     yield StreamChunk(
                         text=text[released:] if not calls else "",
                         function_calls=calls,

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from textgen.catalog import from_micro
-from textgen.credits import needs_balance, settle
+from textgen.credits import settle
 from textgen.errors import AccountDisabled, InsufficientCredits, NotFound
 from textgen.notify import CANCEL_CHANNEL, DELIVERIES_CHANNEL, TASKS_CHANNEL
 from textgen.states import Cancellation, DeliveryStatus, TaskMode, TaskStatus
@@ -200,8 +200,6 @@ class TaskQueue:
         self.db = db
         self.payload = payload
         self._claims = {kind: _claim_statement(db.is_postgres, kind) for kind in ("in", "not_in", "any")}
-        lock = sa.select(accounts.c.balance).where(accounts.c.id == _b("account_id"))
-        self._balance = lock.with_for_update() if db.is_postgres else lock
         self._task_for_update = _TASK_OF_ACCOUNT.with_for_update() if db.is_postgres else _TASK_OF_ACCOUNT
 
     async def create(
@@ -435,10 +433,7 @@ class TaskQueue:
     ) -> TaskRow | None:
         """Record ``outcome`` (if ``statement`` matches), settle the reservation, queue the webhook."""
         now = utcnow()
-        balance = 0
-        if needs_balance(task.credits_reserved, outcome.cost):
-            balance = int(conn.execute(self._balance, {"account_id": task.account_id}).scalar_one())
-        settlement = settle(task.credits_reserved, outcome.cost, balance)
+        settlement = settle(task.credits_reserved, outcome.cost)
         row = conn.execute(
             statement,
             {
@@ -465,7 +460,8 @@ class TaskQueue:
             {
                 "account_id": task.account_id,
                 "task_id": task.id,
-                "kind": "settle" if outcome.status == TaskStatus.DONE else "release",
+                # "release": nothing was charged (a failure that used nothing); "settle": a charge.
+                "kind": "settle" if outcome.status == TaskStatus.DONE or settlement.charged else "release",
                 "amount": settlement.returned,
                 "balance_after": balance_after,
                 "created_at": now,
