@@ -157,3 +157,28 @@ async def test_concurrent_senders_claim_each_delivery_once(db_settings: Settings
     finally:
         for store in stores:
             await store.aclose()
+
+
+async def test_concurrent_redeliveries_from_several_processes_stop_at_the_limit(
+    db_settings: Settings,
+) -> None:
+    stores = [Storage.open(db_settings) for _ in range(3)]
+    try:
+        task = await finished_task(stores[0], "redelivered")
+
+        async def redeliver(n: int) -> str | None:
+            return await stores[n % 3].outbox.redeliver(
+                task_id=task.id,
+                account_id=task.account_id,
+                url="http://example.com/again",
+                payload=webhook_payload(task),
+                notify=False,
+                limit=4,
+            )
+
+        queued = await asyncio.gather(*(redeliver(n) for n in range(15)))
+        assert len([q for q in queued if q is not None]) == 4
+        assert len(await stores[0].outbox.history(task.id)) == 5  # its own delivery and 4 redeliveries
+    finally:
+        for store in stores:
+            await store.aclose()

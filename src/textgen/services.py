@@ -116,6 +116,7 @@ class Services:
             wakeups,
             policy,
             sync_timeout=settings.sync_timeout_seconds,
+            max_redeliveries=settings.webhook_max_redeliveries,
         )
         auth = Authenticator(storage.admin, settings.auth_cache_seconds)
         return cls(

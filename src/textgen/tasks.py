@@ -63,6 +63,7 @@ class TaskService:
         webhook_policy: AddressPolicy,
         *,
         sync_timeout: float,
+        max_redeliveries: int,
     ) -> None:
         self.queue = queue
         self.outbox = outbox
@@ -72,6 +73,7 @@ class TaskService:
         self.wakeups = wakeups
         self.webhook_policy = webhook_policy  # refuses webhook URLs that reach private addresses
         self.sync_timeout = sync_timeout
+        self.max_redeliveries = max_redeliveries
 
     async def admit(self, request: GenerationInput) -> Admission:
         """Check model and features, and price the worst case to reserve."""
@@ -199,18 +201,25 @@ class TaskService:
         return task, await self.outbox.history(task.id)
 
     async def redeliver(self, account: AccountRow, task_id: str) -> DeliveryHistory:
-        """Queue a new delivery (a new webhook-id) of a finished task's payload to its webhook_url."""
+        """Queue a new delivery (a new webhook-id) of a finished task's payload to its webhook_url, at most
+        ``max_redeliveries`` times per task (a Conflict past that)."""
         task = await self.get(account, task_id)
         if not task.status.finished:
             raise BadRequest(f"task {task.id} is {task.status}; only finished tasks can be redelivered")
         if not task.webhook_url:
             raise BadRequest(f"task {task.id} has no webhook_url")
-        delivery_id = await self.outbox.queue(
+        delivery_id = await self.outbox.redeliver(
             task_id=task.id,
             account_id=task.account_id,
             url=task.webhook_url,
             payload=self.queue.payload(task),
             notify=self.wakeups.notify_deliveries,
+            limit=self.max_redeliveries,
         )
+        if delivery_id is None:
+            raise Conflict(
+                f"task {task.id} has been redelivered {self.max_redeliveries} times, the most a task may be; "
+                "its deliveries and their attempts are listed at GET .../webhooks/"
+            )
         self.wakeups.delivery_queued()
         return next(h for h in await self.outbox.history(task.id) if h.delivery.id == delivery_id)

@@ -218,6 +218,11 @@ def build_openapi() -> dict[str, Any]:
                 "security": auth,
                 "responses": {
                     "201": {"description": "The queued delivery.", "content": _ref("WebhookDelivery")},
+                    "409": {
+                        "description": "The task has been redelivered TEXTGEN_WEBHOOK_MAX_REDELIVERIES times "
+                        "(5 by default) already.",
+                        "content": _ERR,
+                    },
                     **_errors(400, 401, 404, 429, 503),
                 },
             }

@@ -20,7 +20,7 @@ from textgen.storage.rows import (
     delivery_row,
     utcnow,
 )
-from textgen.storage.tables import webhook_attempts, webhook_deliveries
+from textgen.storage.tables import tasks, webhook_attempts, webhook_deliveries
 
 _d = webhook_deliveries
 _INSERT_DELIVERY = _d.insert()
@@ -69,6 +69,30 @@ class Outbox:
 
         await self.db.run(work)
         return delivery
+
+    async def redeliver(
+        self, *, task_id: str, account_id: int, url: str, payload: str, notify: bool, limit: int
+    ) -> str | None:
+        """Queue a redelivery of a finished task's payload, unless the task has had ``limit`` redeliveries
+        already (None then). Its first delivery, queued when it finished, is not one of them."""
+        delivery = new_delivery_id()
+        lock = sa.select(tasks.c.id).where(tasks.c.id == task_id)
+        if self.db.is_postgres:
+            lock = lock.with_for_update()  # concurrent redeliveries of one task count one after the other
+        count = sa.select(sa.func.count()).select_from(_d).where(_d.c.task_id == task_id)
+
+        def work(conn: Connection) -> str | None:
+            conn.execute(lock)
+            if int(conn.execute(count).scalar_one()) - 1 >= limit:
+                return None
+            insert_delivery(
+                conn, delivery_id=delivery, task_id=task_id, account_id=account_id, url=url, payload=payload
+            )
+            if notify:
+                self.db.notify(conn, DELIVERIES_CHANNEL)
+            return delivery
+
+        return await self.db.run(work)
 
     async def history(self, task_id: str) -> list[DeliveryHistory]:
         """A task's deliveries, oldest first, each with its attempts."""
