@@ -176,6 +176,13 @@ def test_bounds_at_the_width_limit_make_a_small_grammar() -> None:
         assert len(grammar) < 64 * 1024, len(grammar)
 
 
+async def test_a_duplicate_among_the_most_declarations_is_named(served: tuple[Server, Account]) -> None:
+    names = [*declarations(limits.MAX_FUNCTION_DECLARATIONS - 1), {"name": "f7"}]
+    response = await post(served, body(tools=[{"function_declarations": names}]))
+    assert response.status_code == 400, response.text
+    assert response.json()["error"].endswith("tools: function 'f7' is declared more than once")
+
+
 async def test_allowed_function_names_are_bounded(served: tuple[Server, Account]) -> None:
     tools = [{"function_declarations": declarations(2)}]
     config = {"mode": "ANY", "allowed_function_names": ["f0"] * (limits.MAX_FUNCTION_DECLARATIONS + 1)}
@@ -199,10 +206,12 @@ def test_docs_state_every_limit() -> None:
         limits.MAX_GRAMMAR_BYTES // 1024: "and {} KiB of grammar",
         limits.MAX_EXAMINED_ERRORS: "examines at most its first {} errors",
         limits.MAX_DESCRIBED_ERRORS: "names the first {}",
+        limits.LOCAL_MAX_SCORED_FUNCTIONS: "| callable functions under `AUTO` / `VALIDATED` | at most {} ",
     }
     for value, phrase in stated.items():
         assert phrase.format(value) in LIMITS_DOC, phrase.format(value)
     assert f"{limits.GRAMMAR_BUILD_SECONDS:g} s and" in LIMITS_DOC
+    assert f"| scoring those functions | {limits.LOCAL_SCORING_SECONDS:g} s;" in LIMITS_DOC
 
 
 class _BrokenCheck(FakeProvider):

@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import pytest
 
 from tests.conftest import make_settings, run_server
+from textgen import limits
 
 MODEL = "smollm2-135m-instruct"
 WEATHER = {
@@ -239,3 +241,79 @@ async def test_unusable_parameter_schema_is_a_400(tmp_path: Path) -> None:
             )
             assert response.status_code == 400
             assert "object schema" in response.json()["error"]
+
+
+def many(n: int) -> list[dict[str, Any]]:
+    """``n`` declarations the request is not about."""
+    return [
+        {"name": f"lookup_{i}", "description": f"Look up record number {i} in the parts inventory."}
+        for i in range(n)
+    ]
+
+
+async def test_auto_scores_at_most_the_cap_and_bills_every_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A small cap and no time budget, so every pass is counted exactly, however slow the machine.
+    cap = 3
+    monkeypatch.setattr(limits, "LOCAL_MAX_SCORED_FUNCTIONS", cap)
+    monkeypatch.setattr(limits, "LOCAL_SCORING_SECONDS", 1e6)
+    joke = "Tell me a joke about cats."
+    settings = make_settings(tmp_path, local_model_instances=1, local_threads=1)
+    async with run_server(settings) as server:
+        engine = server.services.registry.providers["local"].engines[0]
+        heavy, other = await server.account(name="heavy"), await server.account(name="other")
+        async with server.client(heavy) as client:
+            # One past the cap: a 400 before any task exists or any pass runs; nothing is reserved.
+            for mode in ("AUTO", "VALIDATED"):
+                response = await client.post("/sse/text_generator/", json=request(joke, many(cap + 1), mode))
+                assert response.status_code == 400, response.text
+                assert response.json()["error"].startswith(
+                    f"tools: under mode {mode} the local model chooses among at most {cap} functions, "
+                    f"not {cap + 1}"
+                )
+            assert (await client.get("/sse/text_generator/")).json()["results"] == []
+            assert engine.passes == 0
+            # Naming at most the cap among them is served.
+            body = request(joke, many(cap + 1), "VALIDATED", max_output_tokens=4)
+            names = [d["name"] for d in many(cap)]
+            body["tool_config"]["function_calling_config"]["allowed_function_names"] = names
+            assert (await client.post("/sse/text_generator/", json=body)).json()["status"] == "done"
+            assert engine.passes == cap + 1
+
+            # At the cap, async, while another account waits with a sync request on the one instance.
+            body = {**request(joke, many(cap), "AUTO", temperature=0, max_output_tokens=4), "sync": False}
+            passes, scored = engine.passes, engine.scored_tokens
+            created = (await client.post("/sse/text_generator/", json=body)).json()
+            async with server.client(other) as other_client:
+                small = {**request("Say hi.", [], None, max_output_tokens=4), "tools": []}
+                answered = (await other_client.post("/sse/text_generator/", json=small)).json()
+            assert answered["status"] == "done", answered
+            task = await server.wait_for(heavy, created["id"], within=300)
+        assert task["status"] == "done", task
+        # The other account waited for at most the cap's passes (one per function and one more)...
+        assert engine.passes - passes == cap + 1
+        scored = engine.scored_tokens - scored
+        assert scored > cap
+        # ...and they are billed to the request that needed them, as prompt tokens.
+        if task["response_function_calls"]:
+            [call] = task["response_function_calls"]
+            same = request(joke, many(cap), "ANY", temperature=0, max_output_tokens=4)
+            same["tool_config"]["function_calling_config"]["allowed_function_names"] = [call["name"]]
+        else:
+            same = request(joke, many(cap), "NONE", temperature=0, max_output_tokens=4)
+        async with server.client(heavy) as client:
+            unscored = (await client.post("/sse/text_generator/", json=same)).json()
+        assert task["input_tokens"] == unscored["input_tokens"] + scored
+        spec = server.services.registry.catalog[MODEL]
+        charged = server.services.tasks.pricing.cost(spec, task["input_tokens"], task["output_tokens"])
+        assert task["credits_used"] == charged / 1_000_000
+
+        # Past the scoring time budget the functions not reached are not scored (here: none is).
+        monkeypatch.setattr(limits, "LOCAL_SCORING_SECONDS", 0.0)
+        body = request("What is the weather in Rome?", [WEATHER], "AUTO", temperature=0, max_output_tokens=4)
+        passes = engine.passes
+        async with server.client(heavy) as client:
+            task = (await client.post("/sse/text_generator/", json=body)).json()
+        assert engine.passes - passes == 1
+        assert task["status"] == "done" and task["response_function_calls"] == [], task

@@ -34,6 +34,10 @@ GRAMMAR_BUILD_SECONDS = 2.0
 MAX_GRAMMAR_BYTES = 512 * 1024
 # The embedded model generates at most this many array items; a larger minItems is refused.
 MAX_ARRAY_ITEMS = 128
+# Under AUTO / VALIDATED the embedded model scores each callable function with a model pass (billed as prompt
+# tokens): at most this many functions (a 400 above), within this time (past it, the best scored so far).
+LOCAL_MAX_SCORED_FUNCTIONS = 32
+LOCAL_SCORING_SECONDS = 10.0
 
 # A 400 describes the first validation errors; the rest are counted.
 MAX_DESCRIBED_ERRORS = 5

@@ -220,10 +220,11 @@ class GenerationInput(_Strict):
 
     @model_validator(mode="after")
     def _tools_consistent(self) -> GenerationInput:
-        names = [d.name for tool in self.tools for d in tool.function_declarations]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"tools: function {duplicates[0]!r} is declared more than once")
+        names: set[str] = set()
+        for declaration in self.function_declarations:
+            if declaration.name in names:
+                raise ValueError(f"tools: function {declaration.name!r} is declared more than once")
+            names.add(declaration.name)
         fcc = self.tool_config.function_calling_config if self.tool_config else None
         if fcc is not None:
             if fcc.mode in (FunctionCallingMode.ANY, FunctionCallingMode.VALIDATED) and not names:

@@ -18,11 +18,12 @@ import logging
 import os
 import secrets
 import threading
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, cast
 
-from textgen import metrics
+from textgen import limits, metrics
 from textgen.catalog import ModelSpec
 from textgen.errors import BadRequest, ConfigurationError, TokenUsage, UpstreamError
 from textgen.protocol import GenerationInput
@@ -42,9 +43,11 @@ from textgen.providers.local_model import (
 )
 from textgen.providers.local_output import (
     CALL_THRESHOLD,
+    SCORED_TOKENS,
     ToolChoice,
     plan_output,
     render_messages,
+    scoring_tokens,
     tool_choice,
 )
 from textgen.providers.local_pool import FairPool
@@ -57,10 +60,6 @@ log = logging.getLogger("textgen.local")
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_TOP_P = 0.95
 DEFAULT_TOP_K = 40
-
-
-# At most this many tokens of a request or a description are scored when choosing a call.
-_SCORED_TOKENS = 96
 
 
 class _Cancelled(Exception):
@@ -79,6 +78,9 @@ class _Engine:
         self.cached = ""
         # Tokens sampled over this instance's life; lets tests see that a cancelled generation stopped.
         self.sampled = 0
+        # Scoring passes run, and the tokens they evaluated, over this instance's life (choosing a call).
+        self.passes = 0
+        self.scored_tokens = 0
         template = llm.metadata.get("tokenizer.chat_template")
         if not template:
             raise ConfigurationError("the GGUF model has no chat template (tokenizer.chat_template)")
@@ -109,14 +111,15 @@ class _Engine:
         llama_cpp.llama_sampler_free(sampler)
         return None
 
-    def _continuation_logprob(self, context: str, text: str) -> tuple[float, int]:
-        """log P(text | context) under the model, in nats, and the number of tokens of ``text``."""
+    def _continuation_logprob(self, context: str, text: str) -> tuple[float, int, int]:
+        """log P(text | context) under the model, in nats, the number of tokens of ``text``, and the number
+        of tokens the pass evaluated (what it costs, as prompt tokens)."""
         import numpy as np
         from llama_cpp._internals import LlamaBatch
 
         llm = self.llm
-        head = llm.tokenize(context.encode(), add_bos=False, special=False)[-_SCORED_TOKENS:]
-        tail = llm.tokenize(f" {text}".encode(), add_bos=False, special=False)[:_SCORED_TOKENS]
+        head = llm.tokenize(context.encode(), add_bos=False, special=False)[-SCORED_TOKENS:]
+        tail = llm.tokenize(f" {text}".encode(), add_bos=False, special=False)[:SCORED_TOKENS]
         tokens = head + tail
         llm.reset()
         llm._ctx.kv_cache_clear()
@@ -129,34 +132,64 @@ class _Engine:
         finally:
             batch.close()  # type: ignore[no-untyped-call]
             llm._ctx.kv_cache_clear()
+        self.passes += 1
+        self.scored_tokens += len(tokens)
         top = rows.max(axis=1)
         log_norm = top + np.log(np.exp(rows - top[:, None]).sum(axis=1))
         picked = rows[np.arange(len(tail)), tail]
-        return float((picked - log_norm).sum()), len(tail)
+        return float((picked - log_norm).sum()), len(tail), len(tokens)
 
     def relevance(self, query: str, descriptions: dict[str, str]) -> dict[str, float]:
-        """How much each description raises the model's likelihood of the request, per token of it.
+        """How much each description raises the model's likelihood of the request, per token of it."""
+        return self.score(query, descriptions)[0]
+
+    def score(
+        self,
+        query: str,
+        descriptions: dict[str, str],
+        cancel: threading.Event | None = None,
+        seconds: float | None = None,
+    ) -> tuple[dict[str, float], int]:
+        """The relevance of each description, and the tokens the passes evaluated.
 
         The pointwise mutual information log P(query | "<description>\nExample request:") - log P(query |
         "Example request:"), averaged over the query's tokens: positive when the model finds the request
         more likely as a request for that function than as a request at all. Deterministic (no sampling).
+        One pass per description (at most ``LOCAL_MAX_SCORED_FUNCTIONS``, see ``tool_choice``) plus one;
+        descriptions not reached within ``seconds`` are not scored.
         """
-        base, n = self._continuation_logprob("Example request:", query)
-        scores = {}
+        seconds = limits.LOCAL_SCORING_SECONDS if seconds is None else seconds
+        deadline = time.monotonic() + seconds
+        self.cached = ""  # the passes clear the KV cache: it no longer holds a prompt
+        base, n, evaluated = self._continuation_logprob("Example request:", query)
+        scores: dict[str, float] = {}
         for name, description in descriptions.items():
-            given, _ = self._continuation_logprob(f"{description}\nExample request:", query)
+            if cancel is not None and cancel.is_set():
+                raise _Cancelled
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "tool choice: scored %d of %d functions within %g s",
+                    len(scores),
+                    len(descriptions),
+                    seconds,
+                )
+                break
+            given, _, cost = self._continuation_logprob(f"{description}\nExample request:", query)
+            evaluated += cost
             scores[name] = (given - base) / max(n, 1)
-        self.cached = ""  # the KV cache no longer holds a prompt
-        return scores
+        return scores, evaluated
 
-    def choose(self, job: LocalJob) -> LocalJob:
-        """The job to run: ``job`` itself (text), or the call its choice makes when one is relevant enough."""
+    def choose(self, job: LocalJob, cancel: threading.Event | None = None) -> tuple[LocalJob, int]:
+        """The job to run: ``job`` itself (text), or the call its choice makes when one is relevant enough;
+        and the prompt tokens the choice evaluated (billed with the generation's own)."""
         if job.choice is None:
-            return job
-        scores = self.relevance(job.choice.query, job.choice.descriptions)
-        best = max(scores, key=lambda name: scores[name])
+            return job, 0
+        scores, evaluated = self.score(job.choice.query, job.choice.descriptions, cancel)
         log.debug("tool choice for %r: %s", job.choice.query[:80], scores)
-        return job.choice.calls[best] if scores[best] > CALL_THRESHOLD else job
+        best = max(scores, key=lambda name: scores[name], default=None)
+        if best is not None and scores[best] > CALL_THRESHOLD:
+            return job.choice.calls[best], evaluated
+        return job, evaluated
 
     def run(
         self, job: LocalJob, emit: Callable[[str, int, int, str | None], None], cancel: threading.Event
@@ -315,8 +348,8 @@ class LocalProvider:
 
     def count_input_tokens(self, spec: ModelSpec, request: GenerationInput) -> int:
         estimate = estimate_prompt_tokens(request)
-        # The function-calling instructions added to the system prompt.
-        return estimate + (400 if request.function_declarations else 0)
+        # The function-calling instructions added to the system prompt, and the passes choosing a call.
+        return estimate + (400 if request.function_declarations else 0) + scoring_tokens(request)
 
     def job(self, spec: ModelSpec, request: GenerationInput) -> LocalJob:
         """The request as llama.cpp runs it, its grammars built (CPU-bound: call it off the event loop)."""
@@ -412,9 +445,13 @@ class LocalProvider:
 
         def produce() -> None:
             try:
-                chosen = engine.choose(job)
+                chosen, scored = engine.choose(job, cancel)
                 loop.call_soon_threadsafe(queue.put_nowait, ("job", chosen))
-                engine.run(chosen, emit, cancel)
+
+                def billed(delta: str, prompt_tokens: int, output_tokens: int, finish: str | None) -> None:
+                    emit(delta, prompt_tokens + scored, output_tokens, finish)  # the choice's passes too
+
+                engine.run(chosen, billed, cancel)
                 loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
             except _Cancelled:
                 loop.call_soon_threadsafe(queue.put_nowait, ("end", None))

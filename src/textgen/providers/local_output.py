@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from textgen import limits
 from textgen.errors import BadRequest, UpstreamError
 from textgen.protocol import (
     FunctionCallingConfig,
@@ -38,6 +39,8 @@ CALL_PREFIX = "<tool_call>"
 # description (nats per token, measured by the model) is above this. Chosen on 72 labelled requests
 # (bench/tool_choice.py, docs/local-model.md).
 CALL_THRESHOLD = 0.2
+# Each scoring pass evaluates at most this many tokens of the request and as many of a description.
+SCORED_TOKENS = 96
 
 
 def _compact(value: Any) -> str:
@@ -189,6 +192,12 @@ def tool_choice(request: GenerationInput, budget: Budget | None = None) -> ToolC
     query = open_question(request)
     if not declarations:
         return text
+    if len(declarations) > limits.LOCAL_MAX_SCORED_FUNCTIONS:
+        raise BadRequest(
+            f"tools: under mode {request.calling_mode.value} the local model chooses among at most "
+            f"{limits.LOCAL_MAX_SCORED_FUNCTIONS} functions, not {len(declarations)}; name the candidates in "
+            "tool_config.function_calling_config.allowed_function_names (mode VALIDATED or ANY)"
+        )
     choice = ToolChoice(
         query=query or "",
         descriptions={d.name: d.description.strip() or d.name.replace("_", " ") for d in declarations},
@@ -201,6 +210,16 @@ def tool_choice(request: GenerationInput, budget: Budget | None = None) -> ToolC
             plan_output(narrowed, budget)
         return text
     return choice
+
+
+def scoring_tokens(request: GenerationInput) -> int:
+    """An upper bound of the prompt tokens choosing a call evaluates (billed with the generation's own)."""
+    if request.calling_mode not in (FunctionCallingMode.AUTO, FunctionCallingMode.VALIDATED):
+        return 0
+    if open_question(request) is None:
+        return 0
+    candidates = min(len(callable_functions(request)), limits.LOCAL_MAX_SCORED_FUNCTIONS)
+    return (candidates + 1) * 2 * SCORED_TOKENS if candidates else 0
 
 
 def callable_functions(request: GenerationInput) -> list[FunctionDeclaration]:
