@@ -1,8 +1,16 @@
-"""The docs match the code: every setting is documented, every documented command exists."""
+"""The docs match the code: every setting is documented, every documented command exists, every curl example
+works against a live server, and the deploy examples agree with what the docs say about them."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import os
 import re
+import shlex
+import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -81,3 +89,152 @@ def test_the_procfile_is_described_as_it_is() -> None:
     workers = re.search(r"--workers (\d+)", processes["api"])
     assert workers and f"`serve --no-migrate --workers {workers[1]}`" in described
     assert "one `textgen worker`" in described and processes["worker"].strip() == "textgen worker"
+
+
+def test_every_extra_the_makefile_installs_is_defined() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    extras = set(re.findall(r"\.\[([a-z0-9_,-]+)\]", makefile))
+    assert extras, "the Makefile installs no extras any more: update this test"
+    defined = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for group in extras:
+        for extra in group.split(","):
+            assert extra in defined, f"the Makefile installs .[{extra}], which pyproject.toml does not define"
+
+
+# ---- every curl of the docs, run against a live server ------------------------------------------------
+
+DOCS_WITH_CURL = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
+SHELLS = {"", "sh", "bash", "shell"}
+ASSIGNMENT = re.compile(r"^(export )?[A-Z_]+=")
+API_ORIGIN = re.compile(r"(?:http://)?(?:localhost|127\.0\.0\.1):800[01]")
+WEBHOOK_ORIGIN = "http://127.0.0.1:9000"  # the receiver of docs/webhooks.md
+
+
+@dataclass
+class Snippet:
+    doc: str
+    command: str
+    assignments: list[str]
+
+
+def shell_commands(text: str) -> list[str]:
+    """The complete commands of a shell code block: a command goes on while a line ends with a backslash or a
+    quote is open."""
+    commands: list[str] = []
+    pending = ""
+    for line in text.splitlines():
+        pending = f"{pending}\n{line}" if pending else line
+        if pending.endswith("\\"):
+            continue
+        try:
+            shlex.split(pending, comments=True)
+        except ValueError:  # an open quote: the command continues on the next line
+            continue
+        commands.append(pending)
+        pending = ""
+    return commands
+
+
+def code_blocks(text: str) -> list[tuple[str, str]]:
+    """(language, body) of each fenced code block, an indented one (in a list item) dedented."""
+    blocks: list[tuple[str, str]] = []
+    fence: tuple[str, int] | None = None
+    body: list[str] = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if fence is None:
+            if stripped.startswith("```"):
+                fence, body = (stripped[3:].strip(), len(line) - len(line.lstrip())), []
+        elif stripped == "```":
+            blocks.append((fence[0], "\n".join(body)))
+            fence = None
+        else:
+            body.append(line[fence[1] :])
+    return blocks
+
+
+def curl_snippets() -> list[Snippet]:
+    snippets = []
+    for doc in DOCS_WITH_CURL:
+        for language, block in code_blocks((ROOT / doc).read_text()):
+            if language not in SHELLS:
+                continue
+            commands = shell_commands(block)
+            assignments = [c for c in commands if ASSIGNMENT.match(c) and "$(" not in c]
+            snippets += [Snippet(doc, c, assignments) for c in commands if c.startswith("curl ")]
+    return snippets
+
+
+def test_the_curl_examples_are_found() -> None:
+    found = {s.doc for s in curl_snippets()}
+    assert found == {"README.md", "docs/deployment.md", "docs/operations.md", "docs/webhooks.md"}, found
+    assert len(curl_snippets()) >= 20
+
+
+async def test_every_curl_example_of_the_docs_works_against_a_live_server(tmp_path: Path) -> None:
+    from tests.conftest import make_settings, run_server
+    from tests.test_webhooks import Receiver, serve_receiver
+
+    admin_token = "docs-test-admin-token"
+    settings = make_settings(
+        tmp_path,
+        admin_token=admin_token,
+        redis_url="redis://127.0.0.1:6379/0",  # the deployment walkthrough's readyz says "redis"
+        local_model_instances=1,
+        default_max_output_tokens=24,  # short answers: the examples are about the API, not the text
+        webhook_schedule="0",
+        webhook_poll_seconds=0.05,
+    )
+    receiver = Receiver()
+    async with serve_receiver(receiver) as hook, run_server(settings) as server:
+        account = await server.account(credits=100, rate_limit=10_000)
+        env = {
+            "PATH": os.environ["PATH"],
+            "HOME": str(tmp_path),
+            "YOUR_API_ID": account.api_id,
+            "YOUR_API_KEY": account.api_key,
+            "API_ID": account.api_id,
+            "API_KEY": account.api_key,
+            "TEXTGEN_ADMIN_TOKEN": admin_token,
+            "TG": f"-H X-API-ID:{account.api_id} -H X-API-KEY:{account.api_key}",
+        }
+        seen: dict[
+            str, str
+        ] = {}  # the last id of each kind an answer gave: what the docs' placeholders stand for
+        ran = 0
+        for snippet in curl_snippets():
+            command = snippet.command.replace(WEBHOOK_ORIGIN, hook)
+            command = API_ORIGIN.sub(server.url, command)
+            command = command.replace("YOUR_API_ID", account.api_id).replace("YOUR_API_KEY", account.api_key)
+            for placeholder, kind in (("<id>", "id"), ("tg_…", "api_id"), ("key_…", "key_id")):
+                if placeholder in command.split("#", 1)[0]:
+                    assert kind in seen, f"{snippet.doc}: nothing before `{snippet.command}` gave a {kind}"
+                    command = command.replace(placeholder, seen[kind])
+            script = "\n".join(
+                [
+                    "curl() { command curl -sS --max-time 120 -w '\\n%{http_code}' \"$@\"; }",
+                    *snippet.assignments,
+                    command,
+                ]
+            )
+            proc = await asyncio.create_subprocess_exec(
+                "bash", "-c", script, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            )
+            out, err = await proc.communicate()
+            assert proc.returncode == 0, (snippet.doc, snippet.command, err.decode())
+            body, _, status = out.decode().rpartition("\n")
+            assert status in ("200", "201", "204"), (snippet.doc, snippet.command, status, body)
+            ran += 1
+            with contextlib.suppress(ValueError):
+                answer = json.loads(body)
+                if isinstance(answer, dict):
+                    seen.update(
+                        {k: answer[k] for k in ("id", "api_id", "key_id") if isinstance(answer.get(k), str)}
+                    )
+            # A comment's "field": "value" is what the answer says.
+            comment = snippet.command.rpartition("#")[2] if "#" in snippet.command else ""
+            for field, value in re.findall(r'"(\w+)": "([^"]*)"', comment):
+                assert re.search(rf'"{field}":\s*"{re.escape(value)}"', body), (snippet.command, body)
+        assert ran == len(curl_snippets())
+        # The webhook example's task was delivered to its receiver.
+        await receiver.wait(1)
