@@ -206,6 +206,7 @@ def test_docs_state_every_limit() -> None:
         limits.MAX_GRAMMAR_BYTES // 1024: "and {} KiB of grammar",
         limits.MAX_EXAMINED_ERRORS: "examines at most its first {} errors",
         limits.MAX_DESCRIBED_ERRORS: "names the first {}",
+        limits.MAX_LIST_PAGE_BYTES // 1024 // 1024: "| a page of the task list | at most {} MiB of JSON",
         limits.LOCAL_MAX_SCORED_FUNCTIONS: "| callable functions under `AUTO` / `VALIDATED` | at most {} ",
     }
     for value, phrase in stated.items():
@@ -233,3 +234,34 @@ async def test_a_check_that_fails_inside_is_a_logged_503_not_a_500(
             tasks = (await client.get(CREATE)).json()["results"]
     assert tasks == []
     assert any("RecursionError" in (r.exc_text or "") for r in caplog.records), caplog.text
+
+
+async def test_a_list_page_ends_before_its_json_passes_the_byte_limit(
+    served: tuple[Server, Account], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(limits, "MAX_LIST_PAGE_BYTES", 50_000)
+    server, account = served
+    async with server.client(account) as client:
+        ids = []
+        for size in (20_000, 20_000, 20_000, 20_000, 20_000, 60_000):
+            created = await client.post(CREATE, json=body(messages=[user("x" * size)]))
+            assert created.status_code == 201, created.text
+            ids.insert(0, created.json()["id"])  # newest first
+        pages = []
+        url: str | None = f"{CREATE}?limit=5"
+        while url:
+            response = await client.get(url)
+            assert response.status_code == 200, response.text
+            assert len(response.content) <= 60_000 + 1_000
+            page = response.json()
+            pages.append([task["id"] for task in page["results"]])
+            url = page["next"]
+        # The 60 KB task is a page by itself; then two 20 KB tasks fit in 50 KB, a third would not.
+        assert pages == [ids[:1], ids[1:3], ids[3:5], ids[5:]]
+        # Back from the third page: the two tasks nearest it.
+        third = (await client.get(f"{CREATE}?limit=5")).json()
+        third = (await client.get(third["next"])).json()
+        third = (await client.get(third["next"])).json()
+        back = (await client.get(third["previous"])).json()
+        assert [task["id"] for task in back["results"]] == ids[1:3]
+        assert back["previous"] is not None and back["next"] is not None

@@ -39,6 +39,10 @@ MAX_ARRAY_ITEMS = 128
 LOCAL_MAX_SCORED_FUNCTIONS = 32
 LOCAL_SCORING_SECONDS = 10.0
 
+# A page of the task list ends before the task that would take its JSON past this size (it always holds one
+# task, whatever its size), and its cursor continues from there.
+MAX_LIST_PAGE_BYTES = 8 * 1024 * 1024
+
 # A 400 describes the first validation errors; the rest are counted.
 MAX_DESCRIBED_ERRORS = 5
 MAX_EXAMINED_ERRORS = 100

@@ -6,6 +6,7 @@ One place for presentation, used by the HTTP handlers, the admin API and the CLI
 from __future__ import annotations
 
 import datetime as dt
+import json
 from typing import Any
 
 from textgen.catalog import from_micro
@@ -43,8 +44,15 @@ def task_json(task: TaskRow) -> dict[str, Any]:
     return task_model(task).model_dump(mode="json", exclude_none=True)
 
 
-def task_page(rows: list[TaskRow], next_url: str | None, previous_url: str | None) -> dict[str, Any]:
-    return {"next": next_url, "previous": previous_url, "results": [task_json(row) for row in rows]}
+def encode_json(value: Any) -> bytes:
+    """JSON as the API sends it (what Starlette's JSONResponse writes)."""
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode()
+
+
+def task_page(results: list[bytes], next_url: str | None, previous_url: str | None) -> bytes:
+    """A page of tasks (a ``TaskPage``) from tasks already encoded with ``encode_json(task_json(...))``."""
+    head = b'{"next":' + encode_json(next_url) + b',"previous":' + encode_json(previous_url)
+    return head + b',"results":[' + b",".join(results) + b"]}"
 
 
 def credits_json(balance: int) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,8 +151,13 @@ class TaskService:
         limit: int,
         status: TaskStatus | None,
         cursor: str | None,
+        size: Callable[[TaskRow], int] | None = None,
+        max_bytes: int = 0,
     ) -> tuple[list[TaskRow], str | None, str | None]:
-        """A page of tasks, newest first, with cursors for the next (older) and previous (newer) pages."""
+        """A page of tasks, newest first, with cursors for the next (older) and previous (newer) pages.
+
+        With ``size``, the page ends before the task that would take it past ``max_bytes`` (it always holds
+        the task nearest the cursor), and the cursor in the paging direction continues from there."""
         after = before = None
         if cursor:
             direction, _, value = cursor.partition(":")
@@ -164,6 +170,17 @@ class TaskService:
         rows, more = await self.queue.list(account.id, limit=limit, status=status, after=after, before=before)
         if not rows:
             return rows, None, None
+        if size is not None:
+            nearest_first = rows if before is None else rows[::-1]
+            kept: list[TaskRow] = []
+            used = 0
+            for row in nearest_first:
+                used += size(row)
+                if kept and used > max_bytes:
+                    more = True
+                    break
+                kept.append(row)
+            rows = kept if before is None else kept[::-1]
         has_older = more if before is None else True
         has_newer = more if before is not None else after is not None
         next_cursor = f"n:{encode_cursor(rows[-1])}" if has_older else None

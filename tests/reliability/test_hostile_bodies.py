@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,28 @@ async def test_cursor_outside_the_representable_range_is_a_400(tmp_path: Path) -
             response = await client.get(CREATE, params={"cursor": _cursor("9999-12-31T23:59:59+00:00")})
             assert response.status_code == 200, response.text
             assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_megabyte_stop_sequences_are_refused_and_nothing_is_stored(tmp_path: Path) -> None:
+    settings = reliability_settings(tmp_path, "http://127.0.0.1:9")
+    async with run_server(settings, {"fake": FakeProvider()}) as server:
+        account = await server.account()
+        async with server.client(account) as client:
+            stops = [chr(ord("a") + i) * 1024 * 1024 for i in range(16)]
+            body = {
+                "model_name": "fake-model",
+                "messages": [{"role": "user", "content": "hi"}],
+                "config": {"stop_sequences": stops},
+            }
+            response = await client.post(CREATE, json=body)
+            assert response.status_code == 400, response.text
+            assert response.json()["error"].startswith("config.stop_sequences"), response.json()
+            body["config"]["stop_sequences"] = [s[: limits.MAX_STOP_SEQUENCE_LENGTH] for s in stops[:5]]
+            assert (await client.post(CREATE, json=body)).status_code == 201
+            [task] = (await client.get(CREATE)).json()["results"]
+        # What is stored for a task with the most stop sequences: their bytes are bounded by the limits.
+        stored = server.services.tasks.stored_request(TextGenRequest.model_validate_json(json.dumps(body)))
+        assert len(json.dumps(stored["config"]["stop_sequences"])) <= 5 * (
+            limits.MAX_STOP_SEQUENCE_LENGTH + 4
+        )
+        assert task["config"]["stop_sequences"] == body["config"]["stop_sequences"]

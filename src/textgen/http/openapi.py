@@ -143,6 +143,8 @@ def build_openapi() -> dict[str, Any]:
             "get": {
                 "summary": "List text generation tasks, newest first",
                 "operationId": "text_generator_list",
+                "description": "A page holds `limit` tasks, or fewer when their JSON would pass 8 MiB (a "
+                "page always holds at least one task); follow `next` for the rest.",
                 "security": auth,
                 "parameters": [
                     {

@@ -9,15 +9,15 @@ from urllib.parse import urlencode
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
-from textgen import idempotency
+from textgen import idempotency, limits
 from textgen.errors import BadRequest, TextgenError
-from textgen.presentation import credits_json, task_json, task_page
+from textgen.presentation import credits_json, encode_json, task_json, task_page
 from textgen.protocol import ModelInfo, ModelList, TextGenRequest
 from textgen.ratelimit import Quota
 from textgen.readiness import readiness
 from textgen.services import Services
 from textgen.states import TaskStatus
-from textgen.storage.rows import AccountRow
+from textgen.storage.rows import AccountRow, TaskRow
 
 
 def services(request: Request) -> Services:
@@ -113,16 +113,27 @@ async def list_tasks(request: Request) -> Response:
         status = TaskStatus(status_value) if status_value is not None else None
     except ValueError:
         raise BadRequest("status: must be one of pending, running, done, failed") from None
+    encoded: dict[str, bytes] = {}
+
+    def size(row: TaskRow) -> int:  # each task is encoded once, to be measured and then sent
+        encoded[row.id] = encode_json(task_json(row))
+        return len(encoded[row.id])
+
     rows, next_cursor, prev_cursor = await svc.tasks.page(
-        account, limit=limit, status=status, cursor=query.get("cursor")
+        account,
+        limit=limit,
+        status=status,
+        cursor=query.get("cursor"),
+        size=size,
+        max_bytes=limits.MAX_LIST_PAGE_BYTES,
     )
     common = {"limit": str(limit), **({"status": status.value} if status else {})}
     body = task_page(
-        rows,
+        [encoded[row.id] for row in rows],
         _page_url(request, {**common, "cursor": next_cursor}) if next_cursor else None,
         _page_url(request, {**common, "cursor": prev_cursor}) if prev_cursor else None,
     )
-    return json_response(body, 200, quota)
+    return Response(body, status_code=200, headers=quota.headers(), media_type="application/json")
 
 
 async def remaining_credits(request: Request) -> Response:
