@@ -37,6 +37,10 @@ INTERRUPTED_SYNC = (
 LEASE_LOST = "lease lost"
 
 
+def generation_timed_out(seconds: float) -> str:
+    return f"timed out after {seconds:g} s: the generation time limit (TEXTGEN_GENERATION_TIMEOUT_SECONDS)"
+
+
 def generation_input(task: TaskRow) -> GenerationInput:
     return GenerationInput.model_validate({**task.request, "model_name": task.model_name}, strict=False)
 
@@ -96,17 +100,31 @@ class Lease:
         )
         self.settled = False
         self.cancel_requested = False
+        # Why the generation is being stopped: a cancel, or the generation time limit.
+        self.stop_reason = CANCELLED_REASON
+        self.timed_out = False
         # How to stop this generation when it is cancelled (set by whoever drives it).
         self.on_cancel: Callable[[], object] | None = None
+        limit = lifecycle.generation_timeout
+        self._time_limit = asyncio.get_running_loop().call_later(limit, self._time_up, limit)
         lifecycle.running[task.id] = self
 
-    def request_cancel(self) -> None:
-        """Someone cancelled the task: stop the generation (once); its driver settles it as cancelled."""
+    def request_cancel(self, reason: str = CANCELLED_REASON) -> None:
+        """Stop the generation (once), because someone cancelled the task or for ``reason``; its driver
+        settles it failed with ``stop_reason``, charged for what it produced."""
         if self.cancel_requested or self.settled:
             return
         self.cancel_requested = True
+        self.stop_reason = reason
         if self.on_cancel is not None:
             self.on_cancel()
+
+    def _time_up(self, seconds: float) -> None:
+        if self.cancel_requested or self.settled:
+            return
+        log.warning("task %s: generation still running after %g s; stopping it", self.task.id, seconds)
+        self.timed_out = True
+        self.request_cancel(generation_timed_out(seconds))
 
     @property
     def lost(self) -> bool:
@@ -122,6 +140,7 @@ class Lease:
     def stop(self) -> float:
         """Stop the heartbeat and the clock (idempotent); the generation's time so far, in seconds."""
         self._heartbeat.cancel()
+        self._time_limit.cancel()
         self._slot.give_back()
         if self._lifecycle.running.get(self.task.id) is self:
             del self._lifecycle.running[self.task.id]
@@ -145,6 +164,7 @@ class Lifecycle:
         *,
         worker_id: str,
         lease_seconds: float,
+        generation_timeout: float = 600.0,
     ) -> None:
         self.queue = queue
         self.registry = registry
@@ -153,6 +173,7 @@ class Lifecycle:
         self.wakeups = wakeups
         self.worker_id = worker_id
         self.lease_seconds = lease_seconds
+        self.generation_timeout = generation_timeout  # a generation running longer is stopped
         self.running: dict[str, Lease] = {}  # the generations this process runs, by task id
 
     def cancel_local(self, task_id: str) -> bool:
@@ -219,7 +240,7 @@ class Lifecycle:
             outcome = self.outcome(task.model_name, await generation)
         except asyncio.CancelledError:
             if lease.cancel_requested and generation.cancelled():
-                outcome = self.stopped(task, progress.generation(), CANCELLED_REASON)
+                outcome = self.stopped(task, progress.generation(), lease.stop_reason)
             elif lease.lost:
                 outcome = Outcome.failed(LEASE_LOST)
             else:

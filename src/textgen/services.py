@@ -106,6 +106,7 @@ class Services:
             capacity,
             worker_id=worker_id,
             lease_seconds=settings.lease_seconds,
+            generation_timeout=settings.generation_timeout_seconds,
         )
         tasks = TaskService(
             storage.tasks,

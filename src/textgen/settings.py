@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     sync_timeout_seconds: float = Field(
         600.0, gt=0, description="a sync request that takes longer fails with a timeout"
     )
+    generation_timeout_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="a generation (any model; queued, sync or streamed) still running after this long is "
+        "stopped: the task fails saying so and is charged for what it produced",
+    )
     stream_keepalive_seconds: float = Field(
         15.0, gt=0, description="keep-alive comment interval while a stream is silent"
     )

@@ -19,7 +19,7 @@ from textgen.errors import Conflict, TextgenError, UpstreamError
 from textgen.lifecycle import Lease, Lifecycle
 from textgen.protocol import StreamRequest
 from textgen.providers import FunctionCall, Generation, StreamChunk
-from textgen.states import CANCELLED_REASON, TaskMode, TaskStatus
+from textgen.states import TaskMode, TaskStatus
 from textgen.storage.rows import AccountRow, Outcome, TaskRow
 from textgen.tasks import TaskService
 from textgen.timing import add_upstream
@@ -118,7 +118,11 @@ class Streams:
                 await chunks.aclose()  # type: ignore[attr-defined]
             if isinstance(exc, asyncio.CancelledError):
                 if lease.cancel_requested and opening is not None and opening.uncancel() == 0:
-                    await lease.settle(Outcome.failed(CANCELLED_REASON))
+                    await lease.settle(Outcome.failed(lease.stop_reason))
+                    if lease.timed_out:
+                        raise UpstreamError(
+                            f"task {task.id} {lease.stop_reason}, before its first chunk", status_code=504
+                        ) from None
                     raise Conflict(f"task {task.id} was cancelled before its first chunk") from None
                 await lease.settle(Outcome.failed(CLIENT_DISCONNECTED))
                 raise
@@ -187,9 +191,12 @@ class StreamSession:
             with contextlib.suppress(Exception):
                 await self._chunks.aclose()  # type: ignore[attr-defined]
             finished = await self._lease.settle(
-                self._lifecycle.stopped(self.task, self._acc.generation(), CANCELLED_REASON)
+                self._lifecycle.stopped(self.task, self._acc.generation(), self._lease.stop_reason)
             )
-            yield self._error_event(f"task {self.task.id} was cancelled", 409, finished)
+            if self._lease.timed_out:
+                yield self._error_event(f"task {self.task.id} {self._lease.stop_reason}", 504, finished)
+            else:
+                yield self._error_event(f"task {self.task.id} was cancelled", 409, finished)
             return
         except Exception as exc:
             outcome = self._lifecycle.failure(self.task, exc, self._acc.generation())
@@ -229,7 +236,7 @@ class StreamSession:
             return
         with contextlib.suppress(Exception):
             await self._chunks.aclose()  # type: ignore[attr-defined]
-        reason = CANCELLED_REASON if self._lease.cancel_requested else CLIENT_DISCONNECTED
+        reason = self._lease.stop_reason if self._lease.cancel_requested else CLIENT_DISCONNECTED
         await self._lease.settle(self._lifecycle.stopped(self.task, self._acc.generation(), reason))
 
 
