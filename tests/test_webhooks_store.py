@@ -182,3 +182,25 @@ async def test_concurrent_redeliveries_from_several_processes_stop_at_the_limit(
     finally:
         for store in stores:
             await store.aclose()
+
+
+async def test_claims_take_every_accounts_oldest_first_and_each_url_in_turn(store: Storage) -> None:
+    a = await finished_task(store, "a")  # its own delivery to http://example.com/h
+    for url in ["http://example.com/h"] * 3 + ["http://other.example/h"]:
+        await store.outbox.queue(
+            task_id=a.id, account_id=a.account_id, url=url, payload=webhook_payload(a), notify=False
+        )
+    b = await finished_task(store, "b")  # queued after all of A's
+    claimed = await store.outbox.claim("s", 60, 3)
+    # A's oldest and B's only one (each account's first turn), then A's oldest to its other URL.
+    assert sorted((row.account_id, row.url) for row in claimed) == sorted(
+        [
+            (a.account_id, "http://example.com/h"),
+            (b.account_id, "http://example.com/h"),
+            (a.account_id, "http://other.example/h"),
+        ]
+    )
+    # What the chooser passes over stays claimable: of A's three left, it takes two.
+    rest = await store.outbox.claim("s", 60, 5, choose=lambda offers: [o.id for o in offers][1:])
+    assert [row.account_id for row in rest] == [a.account_id] * 2
+    assert len(await store.outbox.claim("s", 60, 5)) == 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -24,6 +26,19 @@ from textgen.storage.tables import tasks, webhook_attempts, webhook_deliveries
 
 _d = webhook_deliveries
 _INSERT_DELIVERY = _d.insert()
+
+
+# How many due deliveries a claim looks at per slot it fills, when some may be passed over (a busy destination).
+OFFERS_PER_SLOT = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """A due delivery a claim may take."""
+
+    id: str
+    account_id: int
+    url: str
 
 
 def new_delivery_id() -> str:
@@ -119,10 +134,19 @@ class Outbox:
 
         return await self.db.run(work)
 
-    async def claim(self, worker_id: str, lease_seconds: float, limit: int) -> list[DeliveryRow]:
+    async def claim(
+        self,
+        worker_id: str,
+        lease_seconds: float,
+        limit: int,
+        choose: Callable[[list[Offer]], list[str]] | None = None,
+    ) -> list[DeliveryRow]:
         """Lock up to ``limit`` due pending deliveries for ``worker_id``; a lock expires after the lease.
 
-        Only unlocked (or expired) rows are taken, so at most one attempt per delivery is in flight.
+        Due deliveries are offered in turns: every account's oldest first, then every account's next, and within
+        an account each URL's oldest before any URL's second, so no account's backlog comes before another
+        account's first. ``choose`` picks the ids to lock from the offers, in that order (by default the first
+        ``limit``). Only unlocked (or expired) rows are taken, so at most one attempt per delivery is in flight.
         """
         now = utcnow()
         due = sa.and_(
@@ -130,17 +154,43 @@ class Outbox:
             _d.c.next_attempt_at <= now,
             sa.or_(_d.c.locked_until.is_(None), _d.c.locked_until < now),
         )
-        candidates = sa.select(_d.c.id).where(due).order_by(_d.c.next_attempt_at, _d.c.id).limit(limit)
-        if self.db.is_postgres:
-            candidates = candidates.with_for_update(skip_locked=True)
-        statement = (
-            _d.update()
-            .where(_d.c.id.in_(candidates), due)
-            .values(locked_by=worker_id, locked_until=now + dt.timedelta(seconds=lease_seconds))
-            .returning(*_d.c)
+        url_turn = sa.func.row_number().over(
+            partition_by=(_d.c.account_id, _d.c.url), order_by=(_d.c.next_attempt_at, _d.c.id)
         )
-        rows = await self.db.run(lambda conn: conn.execute(statement).all())
-        claimed = [delivery_row(r) for r in rows]
+        by_url = (
+            sa.select(_d.c.id, _d.c.account_id, _d.c.url, _d.c.next_attempt_at, url_turn.label("url_turn"))
+            .where(due)
+            .subquery()
+        )
+        turn = sa.func.row_number().over(
+            partition_by=by_url.c.account_id,
+            order_by=(by_url.c.url_turn, by_url.c.next_attempt_at, by_url.c.id),
+        )
+        ranked = sa.select(
+            by_url.c.id, by_url.c.account_id, by_url.c.url, by_url.c.next_attempt_at, turn.label("turn")
+        ).subquery()
+        # More offers than room when choosing, as some may be passed over.
+        offered = (
+            sa.select(ranked.c.id, ranked.c.account_id, ranked.c.url)
+            .order_by(ranked.c.turn, ranked.c.next_attempt_at, ranked.c.id)
+            .limit(limit * OFFERS_PER_SLOT if choose is not None else limit)
+        )
+        lock = _d.update().values(locked_by=worker_id, locked_until=now + dt.timedelta(seconds=lease_seconds))
+
+        def work(conn: Connection) -> list[DeliveryRow]:
+            offers = [Offer(r.id, r.account_id, r.url) for r in conn.execute(offered).all()]
+            ids = choose(offers)[:limit] if choose is not None else [offer.id for offer in offers]
+            if not ids:
+                return []
+            # Rechecked as it locks: another sender may have taken one since it was offered (on PostgreSQL, one
+            # another sender is locking now is skipped rather than waited for).
+            chosen = sa.select(_d.c.id).where(_d.c.id.in_(ids), due)
+            if self.db.is_postgres:
+                chosen = chosen.with_for_update(skip_locked=True)
+            rows = conn.execute(lock.where(_d.c.id.in_(chosen), due).returning(*_d.c)).all()
+            return [delivery_row(r) for r in rows]
+
+        claimed = await self.db.run(work)
         return sorted(claimed, key=lambda r: (r.next_attempt_at or now, r.id))
 
     async def record_attempt(self, delivery_id: str, worker_id: str, attempt: AttemptRecord) -> bool:

@@ -1,9 +1,12 @@
 """The delivery sender: claims due deliveries from the outbox and POSTs each, signed, to its receiver.
 
 Attempts run concurrently up to a bound, each under one overall deadline, so a slow or dead receiver
-holds one slot for at most the timeout and never the API or the other deliveries. A delivery is locked
-while its attempt is in flight (at most one per delivery); the lock outlives the deadline, so a sender
-that dies mid-attempt leaves a delivery another sender retries once the lock expires.
+holds one slot for at most the timeout and never the API or the other deliveries. The slots are shared: one
+destination (scheme, host and port) holds at most a quarter of them and one account at most half, and claims
+take every account's oldest due delivery before any account's next, so one account's dead receiver delays
+nobody else's webhooks. A delivery is locked while its attempt is in flight (at most one per delivery); the
+lock outlives the deadline, so a sender that dies mid-attempt leaves a delivery another sender retries once
+the lock expires.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ import heapq
 import logging
 import ssl
 import time
+from collections import Counter
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import httpcore
 import httpx
@@ -27,7 +32,7 @@ from textgen.retry_after import parse_retry_after
 from textgen.settings import Settings
 from textgen.states import DeliveryStatus
 from textgen.storage.accounts import AccountStore
-from textgen.storage.outbox import Outbox
+from textgen.storage.outbox import Offer, Outbox
 from textgen.storage.retrying import retrying
 from textgen.storage.rows import AttemptRecord, DeliveryRow, utcnow
 from textgen.webhooks.addresses import AddressPolicy, GuardedBackend, RefusedDestination
@@ -84,6 +89,46 @@ def guarded_client(
     )
 
 
+def destination(url: str) -> str:
+    """Where a delivery goes, as far as sharing the slots is concerned: its scheme, host and port."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return parts.netloc.lower()
+    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class FairShare:
+    """How many attempts one destination, and one account, may have in flight in a sender of ``slots``."""
+
+    per_destination: int
+    per_account: int
+
+    @classmethod
+    def of(cls, slots: int) -> FairShare:
+        return cls(per_destination=max(1, slots // 4), per_account=max(1, slots // 2))
+
+    def choose(
+        self, offers: list[Offer], room: int, accounts: Counter[int], destinations: Counter[str]
+    ) -> list[str]:
+        """The offers to take, in their order, passing over those whose destination or account already has
+        its share in flight (``accounts`` and ``destinations`` count the attempts in flight now)."""
+        accounts, destinations = Counter(accounts), Counter(destinations)
+        taken: list[str] = []
+        for offer in offers:
+            if len(taken) == room:
+                break
+            where = destination(offer.url)
+            if accounts[offer.account_id] >= self.per_account or destinations[where] >= self.per_destination:
+                continue
+            accounts[offer.account_id] += 1
+            destinations[where] += 1
+            taken.append(offer.id)
+        return taken
+
+
 def _excerpt(text: str) -> str:
     text = " ".join(text.split())
     return text if len(text) <= _ERROR_EXCERPT else text[: _ERROR_EXCERPT - 1] + "…"
@@ -115,6 +160,8 @@ class WebhookSender(ClaimLoop[DeliveryRow]):
         self._client = guarded_client(policy, timeout, concurrency, ssl_context)
         self._due: list[float] = []  # monotonic times of retries this sender scheduled
         self.attempts = 0
+        self.share = FairShare.of(concurrency)
+        self._busy: dict[str, tuple[int, str]] = {}  # in flight: delivery id -> (account, destination)
 
     @property
     def concurrency(self) -> int:
@@ -148,13 +195,26 @@ class WebhookSender(ClaimLoop[DeliveryRow]):
         )
 
     async def claim(self, room: int) -> list[DeliveryRow]:
-        return await self.outbox.claim(self.worker_id, self.lock_seconds, room)
+        accounts = Counter(account for account, _ in self._busy.values())
+        destinations = Counter(where for _, where in self._busy.values())
+        claimed = await self.outbox.claim(
+            self.worker_id,
+            self.lock_seconds,
+            room,
+            choose=lambda offers: self.share.choose(offers, room, accounts, destinations),
+        )
+        for delivery in claimed:
+            self._busy[delivery.id] = (delivery.account_id, destination(delivery.url))
+        return claimed
 
     def key(self, item: DeliveryRow) -> str:
         return item.id
 
     async def handle(self, item: DeliveryRow) -> None:
-        await self._attempt(item)
+        try:
+            await self._attempt(item)
+        finally:
+            self._busy.pop(item.id, None)
 
     async def give_back(self, keys: list[str]) -> None:
         try:
