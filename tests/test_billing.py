@@ -16,6 +16,7 @@ from httpx_sse import aconnect_sse
 
 from tests.conftest import Account, Server, make_settings, run_server
 from tests.fakes.fake_gemini import Fault
+from tests.fakes.providers import FakeProvider
 from tests.test_gemini import fake_gemini, gemini_service
 from textgen.catalog import from_micro
 
@@ -294,3 +295,24 @@ async def test_usage_past_the_reservation_is_charged_the_reservation(tmp_path: P
         assert price(server, GEMINI["model_name"], 7, 900) > limit
         assert task["credits_used"] == pytest.approx(limit)
         assert await reconciled(server, account) == pytest.approx(10 - limit)
+
+
+async def test_a_sync_request_past_its_timeout_is_charged_for_what_it_used(
+    tmp_path: Path, models_file: Path
+) -> None:
+    gate = asyncio.Event()
+    provider = FakeProvider(gate=gate)  # reads the prompt (7 tokens), then waits at the gate
+    settings = make_settings(tmp_path, models_file=models_file, sync_timeout_seconds=0.5)
+    async with run_server(settings, {"fake": provider}) as server:
+        account = await server.account(credits=100)
+        body = {"model_name": "fake-model", "messages": [{"role": "user", "content": "hi"}], "sync": True}
+        async with server.client(account) as client:
+            response = await client.post("/sse/text_generator/", json=body)
+        assert response.status_code == 201, response.text
+        task = response.json()
+        assert task["status"] == "failed" and task["failed_reason"] == "timed out after 0.5 s"
+        assert (task["input_tokens"], task["output_tokens"]) == (7, 0)
+        assert task["credits_used"] > 0
+        assert task["credits_used"] == pytest.approx(price(server, "fake-model", 7, 0))
+        assert await reconciled(server, account) == pytest.approx(100 - task["credits_used"])
+        gate.set()

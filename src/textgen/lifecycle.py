@@ -176,12 +176,13 @@ class Lifecycle:
         self.generation_timeout = generation_timeout  # a generation running longer is stopped
         self.running: dict[str, Lease] = {}  # the generations this process runs, by task id
 
-    def cancel_local(self, task_id: str) -> bool:
-        """Stop ``task_id`` if this process runs it (a cancel request, from here or from another process)."""
+    def cancel_local(self, task_id: str, reason: str = CANCELLED_REASON) -> bool:
+        """Stop ``task_id`` if this process runs it (a cancel request, from here or from another process, or
+        ``reason``): it fails with that reason, charged for what it produced."""
         lease = self.running.get(task_id)
         if lease is None:
             return False
-        lease.request_cancel()
+        lease.request_cancel(reason)
         return True
 
     def stopped(self, task: TaskRow, produced: Generation, reason: str) -> Outcome:

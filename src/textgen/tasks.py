@@ -134,12 +134,16 @@ class TaskService:
         return finished or await self.queue.get(task.id)
 
     async def _run_sync(self, task: TaskRow) -> TaskRow | None:
-        try:
-            return await asyncio.wait_for(self.lifecycle.run(task), self.sync_timeout)
-        except TimeoutError:
-            return await self.lifecycle.finish(
-                task, Outcome.failed(f"timed out after {self.sync_timeout:g} s")
-            )
+        run = asyncio.ensure_future(self.lifecycle.run(task))
+        done, _ = await asyncio.wait({run}, timeout=self.sync_timeout)
+        if run in done:
+            return run.result()
+        reason = f"timed out after {self.sync_timeout:g} s"
+        if self.lifecycle.cancel_local(task.id, reason):
+            return await run  # stopped as a cancel is, and charged for what it produced
+        run.cancel()  # not started yet: nothing was produced
+        await asyncio.wait({run})
+        return await self.lifecycle.finish(task, Outcome.failed(reason))
 
     async def get(self, account: AccountRow, task_id: str) -> TaskRow:
         return await self.queue.get(task_id, account.id)
