@@ -7,7 +7,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from limits import RateLimitItemPerMinute
+from limits import RateLimitItem, RateLimitItemPerMinute
 from limits.aio.storage import MemoryStorage, Storage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.storage import storage_from_string
@@ -87,10 +87,29 @@ class RateLimiter:
     async def hit(self, account_key: str, per_minute: int) -> Quota:
         """Count one request; raise RateLimited (with Retry-After) when over the limit."""
         item = RateLimitItemPerMinute(per_minute)
+        allowed, remaining, reset_time = await self._window(item, account_key, count=True)
+        return self._decide(allowed, item.amount, remaining, reset_time)
+
+    async def count(self, key: str, per_minute: int) -> None:
+        """Count one event (a failed authentication, say) in ``key``'s window, refusing nothing."""
+        await self._window(RateLimitItemPerMinute(per_minute), key, count=True)
+
+    async def full(self, key: str, per_minute: int) -> int | None:
+        """Seconds until ``key``'s window has room again, or None when it has room now (counts nothing)."""
+        allowed, _, reset_time = await self._window(RateLimitItemPerMinute(per_minute), key, count=False)
+        return None if allowed else max(1, math.ceil(reset_time - time.time()))
+
+    async def _window(self, item: RateLimitItem, key: str, *, count: bool) -> tuple[bool, int, float]:
+        """Hit (or only test) ``key``'s window: (allowed, remaining, reset time), on Redis when it answers."""
+
+        async def use(limiter: SlidingWindowCounterRateLimiter) -> tuple[bool, int, float]:
+            allowed = await (limiter.hit(item, key) if count else limiter.test(item, key))
+            stats = await limiter.get_window_stats(item, key)
+            return allowed, stats.remaining, stats.reset_time
+
         if self._shared is not None and time.monotonic() >= self._retry_at:
             try:
-                allowed = await self._shared.hit(item, account_key)
-                stats = await self._shared.get_window_stats(item, account_key)
+                result = await use(self._shared)
             except Exception as exc:  # any storage failure: keep serving on the local window
                 if self.degraded_reason is None:
                     log.error("rate limits: redis unreachable (%s); using per-process limits", exc)
@@ -100,11 +119,9 @@ class RateLimiter:
                 if self.degraded_reason:
                     log.warning("rate limits: redis reachable again, shared limits restored")
                     self.degraded_reason = None
-                # Decided outside the try: a 429 is the shared limit working, not Redis failing.
-                return self._decide(allowed, item.amount, stats.remaining, stats.reset_time)
-        allowed = await self._local.hit(item, account_key)
-        stats = await self._local.get_window_stats(item, account_key)
-        return self._decide(allowed, item.amount, stats.remaining, stats.reset_time)
+                # Decided by the caller: a 429 is the shared limit working, not Redis failing.
+                return result
+        return await use(self._local)
 
     @staticmethod
     def _decide(allowed: bool, limit: int, remaining: int, reset_time: float) -> Quota:

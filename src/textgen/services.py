@@ -119,14 +119,17 @@ class Services:
             sync_timeout=settings.sync_timeout_seconds,
             max_redeliveries=settings.webhook_max_redeliveries,
         )
-        auth = Authenticator(storage.admin, settings.auth_cache_seconds)
+        limiter = RateLimiter(settings.redis_url)
+        auth = Authenticator(
+            storage.admin, settings.auth_cache_seconds, limiter, settings.auth_failures_per_minute
+        )
         return cls(
             settings=settings,
             storage=storage,
             registry=registry,
             wakeups=wakeups,
             auth=auth,
-            limiter=RateLimiter(settings.redis_url),
+            limiter=limiter,
             lifecycle=lifecycle,
             tasks=tasks,
             streams=Streams(tasks, lifecycle),

@@ -50,6 +50,12 @@ class Settings(BaseSettings):
         description="how long a process trusts a checked API key: a key revoked or account disabled "
         "elsewhere stops working here within this bound",
     )
+    auth_failures_per_minute: int = Field(
+        30,
+        gt=0,
+        description="failed authentications per minute from one client address; past it the address is "
+        "answered 429 with Retry-After (a key this process has just checked as valid still works)",
+    )
     default_rate_limit: int = Field(60, gt=0, description="requests per minute of new accounts")
     default_credits: float = Field(100.0, ge=0, description="credits of new accounts")
     credits_per_usd: float = Field(100.0, gt=0, description="credits charged per USD of model list price")

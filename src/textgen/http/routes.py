@@ -27,7 +27,11 @@ def services(request: Request) -> Services:
 async def authorize(request: Request) -> tuple[AccountRow, Quota]:
     """Authenticate the caller and count the request against their rate limit."""
     svc = services(request)
-    account = await svc.auth.authenticate(request.headers.get("x-api-id"), request.headers.get("x-api-key"))
+    account = await svc.auth.authenticate(
+        request.headers.get("x-api-id"),
+        request.headers.get("x-api-key"),
+        request.client.host if request.client else None,
+    )
     quota = await svc.limiter.hit(account.api_id, account.rate_limit)
     return account, quota
 

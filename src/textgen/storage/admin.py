@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import sqlalchemy as sa
@@ -69,6 +70,13 @@ _KEY_AUTH = (
 )
 
 
+class KeyMiss(Enum):
+    """Why a key did not authenticate."""
+
+    UNKNOWN_ID = "unknown id"  # no account has this API id
+    WRONG_KEY = "wrong key"  # the account exists; the key is not one of its live keys
+
+
 class AdminStore:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -91,13 +99,15 @@ class AdminStore:
 
     # ---- authentication -------------------------------------------------------------------------
 
-    async def key_account(self, api_id: str, key_hash: str) -> tuple[AccountRow, str] | None:
-        """The account and key id a live key belongs to; records (coarsely) that the key was used."""
+    async def key_account(self, api_id: str, key_hash: str) -> tuple[AccountRow, str] | KeyMiss:
+        """The account and key id a live key belongs to; records (coarsely) that the key was used. Otherwise
+        whether the account exists (the key is wrong) or not."""
 
-        def work(conn: Connection) -> tuple[AccountRow, str] | None:
+        def work(conn: Connection) -> tuple[AccountRow, str] | KeyMiss:
             row = conn.execute(_KEY_AUTH, {"api_id": api_id, "key_hash": key_hash}).first()
             if row is None:
-                return None
+                known = conn.execute(sa.select(accounts.c.id).where(accounts.c.api_id == api_id)).first()
+                return KeyMiss.WRONG_KEY if known is not None else KeyMiss.UNKNOWN_ID
             now = utcnow()
             if row.last_used_at is None or row.last_used_at < now - LAST_USED_RESOLUTION:
                 conn.execute(api_keys.update().where(api_keys.c.id == row.key_id).values(last_used_at=now))
