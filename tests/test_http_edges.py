@@ -90,8 +90,13 @@ async def test_a_wrong_method_on_a_known_route_is_405_with_allow(tmp_path: Path,
 
 @dataclass
 class CrashingProvider(FakeProvider):
-    def check(self, spec: ModelSpec, request: GenerationInput) -> None:
+    def count_input_tokens(self, spec: ModelSpec, request: GenerationInput) -> int:
         raise RuntimeError("a bug")
+
+
+class CrashingCheckProvider(FakeProvider):
+    def check(self, spec: ModelSpec, request: GenerationInput) -> None:
+        raise RuntimeError("a bug in a check")
 
 
 async def test_an_unexpected_error_is_a_500_with_the_headers_and_its_request_id(
@@ -105,6 +110,21 @@ async def test_an_unexpected_error_is_a_500_with_the_headers_and_its_request_id(
     assert crashed.status_code == 500
     assert_documented_headers(crashed)
     assert crashed.json()["error"] == f"internal error (request id {crashed.headers['x-request-id']})"
+
+
+async def test_a_check_that_fails_inside_is_a_logged_503_with_the_headers(
+    tmp_path: Path, models_file: Path
+) -> None:
+    settings = make_settings(tmp_path, models_file=models_file)
+    async with run_server(settings, {"fake": CrashingCheckProvider()}, run_worker=False) as server:
+        account = await server.account()
+        async with server.client(account) as client:
+            refused = await client.post(CREATE, json=BODY)
+            credits = (await client.get("/api/remaining_credits/")).json()["remaining_credits"]
+    assert refused.status_code == 503
+    assert_documented_headers(refused)
+    assert "try again later" in refused.json()["error"]
+    assert credits == 100.0, "a refused request reserves nothing"
 
 
 def test_a_client_leaving_mid_body_is_logged_at_info_without_a_traceback(tmp_path: Path) -> None:
