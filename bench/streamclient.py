@@ -2,8 +2,9 @@
 
 ``python -m bench.streamclient SPEC_JSON`` prints one JSON line: per-stream time to first chunk and the gaps
 between chunks (ms), the most streams open at once, and errors. SPEC: url, body, headers, streams, ramp_seconds,
-sequential. When every stream is open at the same moment it writes ``all-open`` on a line of its stderr, so the
-caller can read the server's memory then.
+sequential. A stream is open from its response's status line to its end. Each time the most streams open at once
+passes another twentieth of them (and when it reaches all of them) it writes ``open N`` on a line of its stderr,
+so the caller can read the server's memory then.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ MARK = b"data:"
 
 
 class OpenStreams:
-    """How many streams are connected and not yet finished; says ``all-open`` once all ``total`` are."""
+    """How many streams have their response and are not yet finished; says ``open N`` at each new twentieth."""
 
     def __init__(self, total: int) -> None:
         self.total = total
+        self.step = max(1, total // 20)
         self.open = 0
         self.most = 0
 
@@ -32,8 +34,8 @@ class OpenStreams:
         self.open += 1
         if self.open > self.most:
             self.most = self.open
-            if self.most == self.total:
-                sys.stderr.write("all-open\n")
+            if self.most % self.step == 0 or self.most == self.total:
+                sys.stderr.write(f"open {self.most}\n")
                 sys.stderr.flush()
 
     def closed(self) -> None:
@@ -54,12 +56,15 @@ async def one_stream(
     head += [f"{k}: {v}" for k, v in headers.items()]
     started = time.perf_counter()
     reader, writer = await asyncio.open_connection(host, port)
-    streams.opened()
+    counted = False
     try:
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + payload)
         await writer.drain()
         status_line = await reader.readline()
         status = int(status_line.split()[1]) if status_line else 0
+        if status == 200:
+            streams.opened()
+            counted = True
         arrivals: list[float] = []
         tail = b""
         while True:
@@ -72,7 +77,8 @@ async def one_stream(
             arrivals.extend([now] * count)
             tail = window[-(len(MARK) - 1) :]
     finally:
-        streams.closed()
+        if counted:
+            streams.closed()
         writer.close()
     if status != 200 or not arrivals:
         return {"error": f"status {status}, {len(arrivals)} chunks"}

@@ -23,7 +23,7 @@ class StreamRun:
     first_error: str | None
     most_open: int
     idle_rss_kib: int = 0
-    all_open_rss_kib: int | None = None  # the server's RSS when every stream was open at once
+    most_open_rss_kib: int | None = None  # the server's RSS when the most streams were open at once
     peak_rss_kib: int = 0
     cpu_seconds: float | None = None  # the server's processes over the run
 
@@ -33,10 +33,10 @@ class StreamRun:
 
     @property
     def rss_per_stream_kib(self) -> float | None:
-        """(RSS while all streams are open - idle RSS) / streams; None when they were never all open at once."""
-        if self.all_open_rss_kib is None or not self.streams:
+        """(RSS when the most streams were open at once - idle RSS) / those streams; None if none ever was."""
+        if self.most_open_rss_kib is None or not self.most_open:
             return None
-        return max(self.all_open_rss_kib - self.idle_rss_kib, 0) / self.streams
+        return max(self.most_open_rss_kib - self.idle_rss_kib, 0) / self.most_open
 
 
 def run_client(
@@ -50,7 +50,7 @@ def run_client(
     watch_pids: list[int] | None = None,
     cpu_pids: list[int] | None = None,
 ) -> StreamRun:
-    """Run the SSE client process; read the RSS of ``watch_pids`` when all streams are open (and every 50 ms),
+    """Run the SSE client process; read the RSS of ``watch_pids`` when the most streams are open (and every 50 ms),
     and the CPU of ``cpu_pids`` (default: the same) over the run."""
     spec = {
         "url": url,
@@ -63,7 +63,7 @@ def run_client(
     pids = watch_pids or []
     idle = rss_total_kib(pids) if pids else 0
     peak = idle
-    all_open: int | None = None
+    most_open_rss: int | None = None
     stop = threading.Event()
     cpu_of = cpu_pids if cpu_pids is not None else pids
     cpu = CpuMeter(cpu_of).start() if cpu_of else None
@@ -88,8 +88,9 @@ def run_client(
         reader.start()
         try:
             for line in err_pipe:
-                if line.strip() == "all-open" and pids:
-                    all_open = rss_total_kib(pids)
+                if line.startswith("open "):
+                    if pids:
+                        most_open_rss = rss_total_kib(pids)
                 else:
                     stderr.append(line)
             client.wait(timeout=600)
@@ -115,8 +116,8 @@ def run_client(
         first_error=out["first_error"],
         most_open=out["most_open"],
         idle_rss_kib=idle,
-        all_open_rss_kib=all_open,
-        peak_rss_kib=max(peak, all_open or 0),
+        most_open_rss_kib=most_open_rss,
+        peak_rss_kib=max(peak, most_open_rss or 0),
         cpu_seconds=cpu.seconds if cpu is not None else None,
     )
 
@@ -135,7 +136,7 @@ def summary(run: StreamRun) -> dict[str, Any]:
         "first_error": run.first_error,
         "most_open": run.most_open,
         "idle_rss_kib": run.idle_rss_kib,
-        "all_open_rss_kib": run.all_open_rss_kib,
+        "most_open_rss_kib": run.most_open_rss_kib,
         "peak_rss_kib": run.peak_rss_kib,
         "rss_per_stream_kib": run.rss_per_stream_kib,
         "cpu_ms_per_stream": None
