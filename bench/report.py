@@ -42,8 +42,9 @@ make bench                         # = .venv/bin/python -m bench: every section{
 others' figures from `docs/benchmarks.json`, each section saying when and at which commit it was measured.
 `--configs sqlite pg1 pg4` chooses the deployments; `--profile` records py-spy profiles of every textgen process
 during the tasks and streams runs (they slow the server a little, so figures of a profiled run say so);
-`--quick` writes to `bench/results/` unless `--output` says otherwise. Nothing on this page is edited by hand above
-the line that says so near its end.
+`--quick` writes to `bench/results/` unless `--output` says otherwise. `.venv/bin/python -m bench.report` writes
+this page and its plot again from `docs/benchmarks.json` without measuring. Nothing on this page is edited by hand
+above the line that says so near its end.
 """
 
 
@@ -701,3 +702,21 @@ def plot(res: dict[str, Any], png: Path) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=90)
     plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m bench.report [docs/benchmarks.json]``: write the page and plot again from recorded figures."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__)
+    parser.add_argument(
+        "figures", type=Path, nargs="?", default=Path(__file__).parent.parent / "docs" / "benchmarks.json"
+    )
+    args = parser.parse_args(argv)
+    raw = json.loads(args.figures.read_text())
+    write(raw, args.figures.with_suffix(".md"), args.figures.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()

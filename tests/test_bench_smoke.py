@@ -120,6 +120,15 @@ def test_report_from_partial_results(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     report.plot(raw["results"], tmp_path / "b.png")
     assert (tmp_path / "b.png").stat().st_size > 0
+    # the page again from the recorded figures, keeping what follows the hand-written line
+    figures = tmp_path / "again.json"
+    figures.write_text(json.dumps(raw))
+    (tmp_path / "again.md").write_text(f"old figures\n{report.KEPT}\n\n## Written by hand\n")
+    report.main([str(figures)])
+    again = (tmp_path / "again.md").read_text()
+    assert "old figures" not in again and "| textgen, SQLite | 3.00 ms | 2.00 ms |" in again
+    assert again.endswith(f"{report.KEPT}\n\n## Written by hand\n")
+    assert (tmp_path / "again.png").stat().st_size > 0
 
 
 def test_cpu_meter_counts_this_process() -> None:
