@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import embedded, machine, peer, profile, queue, report, soak, streaming
+from bench import embedded, machine, peer, profile, queue, report, soak, stack, streaming
 from bench.load import Latency, Throughput, run_wrk, sdk_latency, sequential_latency
 from bench.procs import ROOT, CpuMeter, ProcessGroup, process_group
 from bench.stack import (
@@ -502,6 +502,10 @@ def main(argv: list[str] | None = None) -> int:
                     ctx.notes.append(
                         f"The {name} benchmark failed in this run: {traceback.format_exc(limit=1).strip()[-500:]}"
                     )
+                # what has been measured so far survives a run stopped before its end
+                results_dir.mkdir(parents=True, exist_ok=True)
+                partial = {"command": command, "results": ctx.results, "notes": ctx.notes}
+                (results_dir / "partial.json").write_text(json.dumps(partial, indent=1, default=str))
     elapsed = time.time() - started
     results_dir.mkdir(parents=True, exist_ok=True)
     output: Path = args.output or (results_dir if args.quick else ROOT / "docs")
@@ -529,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": date,
         "commit": commit,
         "machine": info,
+        "settings": {"all": stack.SETTINGS, "postgresql": stack.PG_SETTINGS},
         "plan": plan.__dict__,
         "results": results,
         "notes": ctx.notes,

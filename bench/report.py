@@ -570,6 +570,18 @@ def _profiles(res: dict[str, Any], lines: list[str]) -> None:
         ]
 
 
+def _settings(raw: dict[str, Any]) -> str:
+    recorded = raw.get("settings")
+    if not recorded:
+        return "The settings the bench changed were not recorded in this run."
+    every = ", ".join(f"`{k}={v}`" for k, v in recorded["all"].items())
+    pg = ", ".join(f"`{k}={v}`" for k, v in recorded.get("postgresql", {}).items())
+    return (
+        f"Settings are textgen's defaults except {every}; on PostgreSQL also {pg} per process (the server here "
+        "allows 100 connections, shared with everything else on the machine)."
+    )
+
+
 def write(raw: dict[str, Any], md: Path, png: Path, *, draw: bool = True) -> None:
     res, info = raw["results"], raw["machine"]
     kept = ""
@@ -607,7 +619,7 @@ def write(raw: dict[str, Any], md: Path, png: Path, *, draw: bool = True) -> Non
         "task worker and webhook sender inside); on PostgreSQL + Redis one `textgen serve` with "
         "`TEXTGEN_RUN_WORKER=false` and 1, 2 or 4 `textgen worker` processes. Every request authenticates the API "
         "key, checks the per-account rate limit, reserves and settles credits in the ledger and persists the "
-        "task; the Gemini provider calls the fake upstream over REST (aiohttp).",
+        "task; the Gemini provider calls the fake upstream over REST (aiohttp). " + _settings(raw),
         "- **Upstreams**: `tests/fakes/fake_gemini.py` in its own process: zero-latency for the overhead and "
         "queue sections; the realistic one answers `generateContent` after "
         f"{raw['plan'].get('answer_delay_ms', 2000) / 1000:g} s and streams {raw['plan'].get('stream_chunks', 20)} "

@@ -132,6 +132,20 @@ def postgres_database(kind: str) -> Iterator[str]:
         asyncio.run(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
+# What the bench sets beside the database and the upstream; textgen's defaults otherwise (the queue's poll
+# intervals too: a new task wakes the workers at once). PostgreSQL adds PG_SETTINGS.
+SETTINGS = {
+    "TEXTGEN_GEMINI_MAX_ATTEMPTS": "1",  # a fault shows instead of being retried
+    "TEXTGEN_WEBHOOK_ALLOW_PRIVATE": "true",  # the receiver is on 127.0.0.1
+    "TEXTGEN_WEBHOOK_JITTER": "0",
+    "TEXTGEN_SHUTDOWN_TIMEOUT_SECONDS": "3",
+    "TEXTGEN_LOG_LEVEL": "warning",
+}
+# PostgreSQL here allows 100 connections, shared with everything else on the machine: every process gets the
+# same smaller pool, so 5 processes (API + 4 workers) stay within 65.
+PG_SETTINGS = {"TEXTGEN_DB_POOL_SIZE": PG_POOL_SIZE, "TEXTGEN_DB_MAX_OVERFLOW": PG_MAX_OVERFLOW}
+
+
 def textgen_env(
     database_url: str, upstream: Upstream, redis_url: str | None = None, **extra: str
 ) -> dict[str, str]:
@@ -141,13 +155,7 @@ def textgen_env(
         GEMINI_API_KEY=FAKE_KEY,
         TEXTGEN_GEMINI_BASE_URL=upstream.url,
         TEXTGEN_GEMINI_API_VERSION="v1beta",
-        TEXTGEN_GEMINI_MAX_ATTEMPTS="1",
-        TEXTGEN_WEBHOOK_ALLOW_PRIVATE="true",
-        TEXTGEN_WEBHOOK_JITTER="0",
-        TEXTGEN_WORKER_POLL_SECONDS="0.05",
-        TEXTGEN_WEBHOOK_POLL_SECONDS="0.05",
-        TEXTGEN_SHUTDOWN_TIMEOUT_SECONDS="3",
-        TEXTGEN_LOG_LEVEL="warning",
+        **SETTINGS,
     )
     env.update(extra)
     if redis_url:
@@ -233,9 +241,7 @@ def textgen_on(
             for proc in [*server.workers, server.proc]:
                 group.stop(proc)
         return
-    # PostgreSQL here allows 100 connections, shared with everything else on the machine: every process gets the
-    # same smaller pool, so 5 processes (API + 4 workers) stay within 65.
-    extra = {"TEXTGEN_DB_POOL_SIZE": PG_POOL_SIZE, "TEXTGEN_DB_MAX_OVERFLOW": PG_MAX_OVERFLOW, **extra}
+    extra = {**PG_SETTINGS, **extra}
     with postgres_database("textgen") as url:
         env = textgen_env(url.replace("postgresql://", "postgresql+asyncpg://"), upstream, REDIS_URL, **extra)
         server = start_textgen(group, name, env, "PostgreSQL + Redis", **kwargs)  # type: ignore[arg-type]
