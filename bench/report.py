@@ -146,7 +146,7 @@ def target_rows(res: dict[str, Any]) -> list[tuple[str, str]]:
         for run in streams["runs"]:
             added = run["ttfc_p50"] - d["ttfc_p50"]
             gap = ratio(run["gap_p99"], d["gap_p99"])
-            per = run["rss_per_stream_kib"]
+            per = _rss_per_stream(run)
             label = f"{run['streams']:,} streams, {run['label']}"
             rows.append(
                 (
@@ -421,6 +421,12 @@ def _sync(s: dict[str, Any], raw: dict[str, Any], lines: list[str]) -> None:
     lines.append("")
 
 
+def _rss_per_stream(run: dict[str, Any]) -> float | None:
+    """KiB per open stream; None for runs whose client counted a stream open from its TCP connect, before the
+    server had taken it: that figure is not memory per served stream."""
+    return run["rss_per_stream_kib"] if "most_open_rss_kib" in run else None
+
+
 def _streams(s: dict[str, Any], raw: dict[str, Any], lines: list[str]) -> None:
     up, d = s["upstream"], s.get("direct")
     n = d["streams"] if d else (s["runs"][0]["streams"] if s["runs"] else 0)
@@ -447,17 +453,23 @@ def _streams(s: dict[str, Any], raw: dict[str, Any], lines: list[str]) -> None:
     for label, r in rows:
         added50 = r["ttfc_p50"] - d["ttfc_p50"] if d and r is not d else None
         added99 = r["ttfc_p99"] - d["ttfc_p99"] if d and r is not d else None
-        per = r["rss_per_stream_kib"]
+        per = _rss_per_stream(r)
         lines.append(
             f"| {label} | {r['completed']:,} | {r['errors']} | {r['most_open']:,} | {ms(r['ttfc_p50'], 1)} | "
             f"{ms(r['ttfc_p99'], 1)} | {ms(added50, 1) if added50 is not None else '—'} | "
             f"{ms(added99, 1) if added99 is not None else '—'} | {ms(r['gap_p50'], 1)} | {ms(r['gap_p99'], 1)} | "
             f"{_x(ratio(r['gap_p99'], d['gap_p99'])) if d and r is not d else '—'} | "
-            f"{fmt(None if per is None else per * 1024 / 1000, 1)} KB | {ms(r['cpu_ms_per_stream'], 2)} |"
+            f"{'n/a' if per is None else fmt(per * 1024 / 1000, 1) + ' KB'} | {ms(r['cpu_ms_per_stream'], 2)} |"
         )
     firsts = [f"{label}: `{r['first_error'][:200]}`" for label, r in rows if r.get("first_error")]
     if firsts:
         lines += ["", "First errors: " + "; ".join(firsts)]
+    if any("most_open_rss_kib" not in r for _, r in rows):
+        lines += [
+            "",
+            "RSS per stream is n/a: this run's client counted a stream open from its TCP connect, before the server "
+            "had taken it, so the RSS it read was not that of the streams being served.",
+        ]
     lines.append("")
 
 
