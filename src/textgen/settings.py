@@ -15,6 +15,8 @@ from textgen.errors import ConfigurationError
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./data/textgen.db"
 # 100 MB of video, base64-encoded (4/3), plus room for the rest of the JSON body.
 DEFAULT_MAX_BODY_BYTES = 140 * 1024 * 1024
+# Room for a few bodies at the size limit at once.
+DEFAULT_REQUEST_BODIES_BUDGET_BYTES = 512 * 1024 * 1024
 
 
 class Settings(BaseSettings):
@@ -37,6 +39,12 @@ class Settings(BaseSettings):
         DEFAULT_MAX_BODY_BYTES,
         gt=0,
         description="largest request body (413 above); fits a 100 MB video in base64",
+    )
+    request_bodies_budget_bytes: int = Field(
+        DEFAULT_REQUEST_BODIES_BUDGET_BYTES,
+        gt=0,
+        description="request bodies one process holds at once, in all (each from its first byte, or its "
+        "Content-Length, until it is answered); a request past it is answered 503 with Retry-After",
     )
     admin_token: str | None = Field(
         None,

@@ -81,7 +81,13 @@ def create_app(
                 Route("/docs", routes.docs, methods=["GET"]),
             ]
         ),
-        middleware=[Middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)],
+        middleware=[
+            Middleware(
+                RequestContextMiddleware,
+                max_body_bytes=settings.max_body_bytes,
+                bodies_budget_bytes=settings.request_bodies_budget_bytes,
+            )
+        ],
         exception_handlers={
             TextgenError: handle,
             ValidationError: handle,

@@ -11,7 +11,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from textgen import metrics
-from textgen.errors import PayloadTooLarge
+from textgen.errors import PayloadTooLarge, ServiceUnavailable
 from textgen.http.errors import error_response
 from textgen.timing import RequestTiming, current_timing
 
@@ -25,9 +25,13 @@ class RequestContextMiddleware:
     minus the time spent waiting on the model provider.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, bodies_budget_bytes: int | None = None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        # Request bodies this process holds at once (each from its first byte, or its Content-Length, until
+        # its answer is sent): a request that would take the sum past the budget is answered 503.
+        self.bodies_budget_bytes = bodies_budget_bytes
+        self.bodies_bytes = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -53,6 +57,19 @@ class RequestContextMiddleware:
             await send(message)
 
         received = 0
+        held = 0  # bytes of the budget this request holds
+
+        def hold(size: int) -> None:
+            nonlocal held
+            budget = self.bodies_budget_bytes
+            if budget is not None and size > held:
+                if self.bodies_bytes + size - held > budget:
+                    raise ServiceUnavailable(
+                        "the server is reading as many request bodies as its memory budget allows "
+                        f"(TEXTGEN_REQUEST_BODIES_BUDGET_BYTES, {budget} bytes); retry shortly"
+                    )
+                self.bodies_bytes += size - held
+                held = size
 
         async def limited_receive() -> Message:
             nonlocal received
@@ -61,11 +78,14 @@ class RequestContextMiddleware:
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise PayloadTooLarge(f"request body is larger than the {limit} byte limit")
+                hold(received)
             return message
 
         try:
-            if _declared_length(scope) > limit:  # refused before reading any of it
+            declared = _declared_length(scope)
+            if declared > limit:  # refused before reading any of it
                 raise PayloadTooLarge(f"request body is larger than the {limit} byte limit")
+            hold(declared)  # a body that says its length holds it from the start
             await self.app(scope, limited_receive, send_with_headers)
         except ClientDisconnect:
             # The client went away before sending its whole body: expected, and there is nobody to answer.
@@ -76,6 +96,7 @@ class RequestContextMiddleware:
             # Answered here, not by the outermost error handler, so the 500 carries the headers too.
             await error_response(exc, request_id)(scope, receive, send_with_headers)
         finally:
+            self.bodies_bytes -= held
             current_timing.reset(token)
 
 
