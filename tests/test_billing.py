@@ -316,3 +316,21 @@ async def test_a_sync_request_past_its_timeout_is_charged_for_what_it_used(
         assert task["credits_used"] == pytest.approx(price(server, "fake-model", 7, 0))
         assert await reconciled(server, account) == pytest.approx(100 - task["credits_used"])
         gate.set()
+
+
+async def test_an_answer_that_cannot_be_read_is_not_charged(tmp_path: Path) -> None:
+    async with fake_gemini() as (fake, url), gemini_service(tmp_path, url) as server:
+        account = await server.account(credits=10)
+        # Gemini reports usage, but the answer is unreadable (content is not an object): the client got
+        # nothing, so nothing is charged.
+        fake.replies.append(
+            {
+                "candidates": [{"content": "not an object", "finishReason": "STOP"}],
+                "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 3, "totalTokenCount": 8},
+            }
+        )
+        async with server.client(account) as client:
+            task = (await client.post("/sse/text_generator/", json={**GEMINI, "sync": True})).json()
+        assert task["status"] == "failed" and "could not be read" in task["failed_reason"]
+        assert task["credits_used"] == 0 and task["output_tokens"] == 0
+        assert await reconciled(server, account) == 10

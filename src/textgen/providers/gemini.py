@@ -277,14 +277,27 @@ class GeminiProvider:
 
 
 def _read(convert: Callable[[dict[str, Any]], T], response: dict[str, Any]) -> T:
-    """``convert`` an answer; one that failed (a blocked prompt, a SAFETY finish) keeps the usage Gemini
-    reported with it, as Gemini bills those tokens."""
+    """``convert`` an answer; one Gemini refused itself (a blocked prompt, a SAFETY finish) keeps the usage
+    Gemini reported with it, as Gemini bills those tokens."""
     try:
         return convert(response)
     except UpstreamError as exc:
-        if exc.usage is None and isinstance(response.get("usageMetadata"), dict):
+        if exc.usage is None and _refused(response) and isinstance(response.get("usageMetadata"), dict):
             exc.usage = TokenUsage(*wire.usage_tokens(response))
         raise
+
+
+def _refused(response: dict[str, Any]) -> bool:
+    """Whether Gemini blocked the prompt or stopped the answer with a failing finish reason (as opposed to
+    an answer that could not be read)."""
+    feedback = response.get("promptFeedback")
+    if isinstance(feedback, dict) and (feedback.get("blockReason") or feedback.get("blockReasonMessage")):
+        return True
+    candidates = response.get("candidates")
+    if isinstance(candidates, list) and candidates and isinstance(candidates[0], dict):
+        reason = candidates[0].get("finishReason")
+        return bool(reason) and reason not in wire.OK_FINISH_REASONS
+    return False
 
 
 def _encode(body: dict[str, Any]) -> bytes:
