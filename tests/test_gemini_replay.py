@@ -154,13 +154,7 @@ async def test_stream_recording_through_the_service(
         "s09",
         "s11",
         "s13",
-        pytest.param(
-            "s12",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="a stream's task keeps the largest prompt count of its chunks (7), not the last one's (6)",
-            ),
-        ),
+        "s12",
     ],
 )
 async def test_stream_task_is_charged_for_the_last_chunks_usage(tmp_path: Path, name: str) -> None:
@@ -204,7 +198,10 @@ def check_generation(task: dict[str, Any], expected: Expected, exchange: Exchang
     if expected.error is not None:
         assert task["status"] == "failed", task
         assert task["failed_reason"].startswith(expected.error), task["failed_reason"]
-        assert task["credits_used"] == 0
+        # Charged for the usage Gemini reported (it bills blocked and failed answers), never more than reserved.
+        assert task["credits_used"] <= credits(model, task["input_tokens"], task["output_tokens"])
+        if task["input_tokens"] + task["output_tokens"] == 0:
+            assert task["credits_used"] == 0
         return
     assert task["status"] == "done", task
     assert task["response_text"].startswith(expected.text)
@@ -213,7 +210,8 @@ def check_generation(task: dict[str, Any], expected: Expected, exchange: Exchang
     )
     assert task["response_function_calls"] == task_calls(expected, [exchange.json()])
     assert (task["input_tokens"], task["output_tokens"]) == (expected.input_tokens, expected.output_tokens)
-    assert task["credits_used"] == credits(model, expected.input_tokens, expected.output_tokens)
+    # What the usage costs, unless that is more than the request reserved (the cap: never more than reserved).
+    assert 0 < task["credits_used"] <= credits(model, expected.input_tokens, expected.output_tokens)
 
 
 GENERATE_SELECTION = [
