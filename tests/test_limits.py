@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -265,3 +266,40 @@ async def test_a_list_page_ends_before_its_json_passes_the_byte_limit(
         back = (await client.get(third["previous"])).json()
         assert [task["id"] for task in back["results"]] == ids[1:3]
         assert back["previous"] is not None and back["next"] is not None
+
+
+def nested_any_of(levels: int) -> dict[str, Any]:
+    """``anyOf`` nested ``levels`` deep, with keywords beside each that apply to every branch."""
+    schema: dict[str, Any] = {"type": "integer", "minimum": 0, "maximum": 9}
+    for i in range(levels):
+        schema = {
+            "anyOf": [schema, {"type": "object", "properties": {f"p{i}": {"type": "string"}}}],
+            "type": ["integer", "object", "null"],
+            "minimum": 1,
+            "description": f"level {i}",
+        }
+    return schema
+
+
+def test_nested_any_of_costs_work_linear_in_its_levels(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each level used to double the work; count the schema nodes rewritten and converted instead of timing it.
+    from textgen import structured
+
+    counted = {"shape": 0, "visit": 0}
+
+    def counting(name: str, real: Any) -> Any:
+        def wrapper(self: Any, *args: Any) -> Any:
+            counted[name] += 1
+            return real(self, *args)
+
+        return wrapper
+
+    monkeypatch.setattr(structured._Normaliser, "_shape", counting("shape", structured._Normaliser._shape))
+    monkeypatch.setattr(structured._Converter, "visit", counting("visit", structured._Converter.visit))
+    work = []
+    for levels in (6, 12, 18, 24):
+        counted.update(shape=0, visit=0)
+        json_grammar(compile_schema(nested_any_of(levels)))
+        work.append((counted["shape"], counted["visit"]))
+    steps = {(b[0] - a[0], b[1] - a[1]) for a, b in itertools.pairwise(work)}
+    assert len(steps) == 1, work  # the same work for every six more levels
