@@ -91,6 +91,32 @@ def test_the_procfile_is_described_as_it_is() -> None:
     assert "one `textgen worker`" in described and processes["worker"].strip() == "textgen worker"
 
 
+def test_the_local_model_speed_is_the_one_the_benchmark_measured() -> None:
+    """docs/local-model.md quotes the embedded-model figures of the last benchmark run (docs/benchmarks.json,
+    section "embedded"), and the load that run was under, not a speed nobody measured."""
+    bench = json.loads((ROOT / "docs" / "benchmarks.json").read_text())
+    embedded = bench["results"]["embedded"]
+    direct, through = embedded["direct"]["per_second"], embedded["textgen"]["per_second"]
+    doc = " ".join((ROOT / "docs" / "local-model.md").read_text().split())
+    load = float(bench["machine"]["load_average_at_start"].split()[0])
+    stated = re.search(
+        r"\(benchmarks\.md\), section 6 \"Embedded model\", on ([0-9-]+)\).*?"
+        r"\(load average ([0-9.]+) at its start\): "
+        r"through textgen SmolLM2-135M generated ([0-9.]+) tokens/s, against ([0-9.]+) tokens/s from "
+        r"llama-cpp-python alone in the same run, so textgen reached ([0-9.]+) % of the library's speed "
+        r"\((\d+)-token answers, (\d+) rounds",
+        doc,
+    )
+    assert stated, "docs/local-model.md no longer states the embedded model's measured speed"
+    assert stated[1] == embedded["measured"]["date"]
+    assert stated[2] == f"{load:.1f}"
+    assert stated[3] == f"{through:.1f}" and stated[4] == f"{direct:.1f}"
+    assert stated[5] == f"{through / direct * 100:.1f}"
+    assert (int(stated[6]), int(stated[7])) == (embedded["max_tokens"], embedded["rounds"])
+    # Figures measured on a loaded machine are said to be.
+    assert load < 4 or "heavy other work" in doc
+
+
 def test_every_extra_the_makefile_installs_is_defined() -> None:
     makefile = (ROOT / "Makefile").read_text()
     extras = set(re.findall(r"\.\[([a-z0-9_,-]+)\]", makefile))
