@@ -77,6 +77,30 @@ def test_stop_timeouts_of_the_deploy_examples_are_the_documented_ones() -> None:
     )
 
 
+def test_the_image_serves_and_migrates_by_default_as_documented() -> None:
+    """The Dockerfile's default command is `textgen serve` (which migrates on start), as docs/deployment.md says;
+    compose, which migrates once in its own service, overrides it in every service with `--no-migrate`."""
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    commands = re.findall(r"^CMD (.+)$", dockerfile, re.M)
+    assert commands, "deploy/Dockerfile has no CMD"
+    assert json.loads(commands[-1]) == ["textgen", "serve"]
+    deployment = " ".join((ROOT / "docs" / "deployment.md").read_text().split())
+    assert "Its default command is `textgen serve`, which migrates on start" in deployment
+
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    image = compose["x-textgen"]["image"]
+    for name, service in compose["services"].items():
+        if service.get("image") != image:
+            continue
+        command = service["command"]
+        if name == "migrate":
+            assert command == ["textgen", "migrate"]
+        elif command[:2] == ["textgen", "serve"]:
+            assert "--no-migrate" in command, name
+        else:
+            assert command == ["textgen", "worker"], name
+
+
 def test_the_procfile_is_described_as_it_is() -> None:
     deployment = (ROOT / "docs" / "deployment.md").read_text()
     described = deployment.split("- `deploy/Procfile`:", 1)[1].split("\n- ", 1)[0]
