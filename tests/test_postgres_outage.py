@@ -115,3 +115,41 @@ async def test_database_outage_gives_503_with_retry_after_then_recovers(
     finally:
         with contextlib.suppress(AssertionError):
             await proxy.cut()
+
+
+async def test_connections_that_died_while_idle_cost_no_request(
+    tmp_path: Path,
+    models_file: Path,
+    pg_url: str,  # noqa: F811
+) -> None:
+    """The pool keeps no ping per checkout: a transaction that finds its pooled connection dead before
+    COMMIT runs again on a fresh one, so a database restart between two requests is invisible to clients."""
+    proxy = Proxy()
+    await proxy.start()
+    database = pg_url.rsplit("/", 1)[1]
+    settings = make_settings(
+        tmp_path,
+        models_file=models_file,
+        database_url=f"postgresql+asyncpg://postgres@127.0.0.1:{proxy.port}/{database}",
+        worker_poll_seconds=0.1,
+    )
+    try:
+        async with run_server(settings, {"fake": FakeProvider()}) as server:
+            account = await server.account()
+            async with server.client(account) as client:
+                # Several pooled connections, all idle afterwards.
+                answers = await asyncio.gather(*(client.get("/api/remaining_credits/") for _ in range(6)))
+                assert {a.status_code for a in answers} == {200}
+                for round_ in range(3):
+                    await proxy.cut()  # every pooled connection dies while idle
+                    await proxy.restore()
+                    credits = await client.get("/api/remaining_credits/")
+                    assert credits.status_code == 200, (round_, credits.text)
+                    created = await client.post("/sse/text_generator/", json={**BODY, "sync": True})
+                    assert created.status_code == 201, (round_, created.text)
+                    assert created.json()["status"] == "done"
+            summary = await server.services.storage.accounts.ledger_summary(account.id)
+            assert summary.ledger_sum == summary.balance
+    finally:
+        with contextlib.suppress(AssertionError):
+            await proxy.cut()

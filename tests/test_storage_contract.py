@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -224,3 +225,46 @@ async def test_list_pages_newest_first_in_both_directions(store: Storage) -> Non
     assert [r.id for r in running] == [claimed.id]
     with pytest.raises(NotFound):
         await store.tasks.get(ids[0], account_id=other.id)
+
+
+async def test_concurrent_transactions_share_commits_and_fail_alone(tmp_path: Path) -> None:
+    """SQLite's group commit: transactions queued while the writer is busy share one COMMIT, each in its own
+    savepoint: a refused one (short balance) or one that raises changes nothing, the others are durable
+    (read back through a separate connection to the file) once their callers hear of them."""
+    settings = load_settings(database_url=f"sqlite+aiosqlite:///{tmp_path}/group.db")
+    await asyncio.to_thread(upgrade, settings)
+    store = Storage.open(settings)
+    try:
+        writer = store.db.sqlite
+        assert writer is not None
+        account = await new_account(store, 10_000)
+        commits, transactions = writer.commits, writer.transactions
+
+        async def attempt(i: int) -> str:
+            try:
+                await new_task(store, account, reserve=1000)
+            except InsufficientCredits:
+                return "refused"
+            return "created"
+
+        def boom(conn: sa.Connection) -> None:
+            conn.execute(sa.delete(ledger))  # undone: it raises afterwards
+            raise RuntimeError("this transaction fails")
+
+        async def failing() -> str:
+            with pytest.raises(RuntimeError, match="this transaction fails"):
+                await store.db.run(boom)
+            return "failed"
+
+        results = await asyncio.gather(*(attempt(i) for i in range(30)), failing(), failing())
+        assert results.count("created") == 10 and results.count("refused") == 20
+        assert results.count("failed") == 2
+        assert writer.transactions - transactions == 32
+        assert writer.commits - commits < writer.transactions - transactions  # some COMMITs were shared
+        assert await assert_reconciled(store, account) == 0
+    finally:
+        await store.aclose()
+    with sqlite3.connect(tmp_path / "group.db") as conn:
+        (tasks_kept,) = conn.execute("SELECT count(*) FROM tasks").fetchone()
+        (reserves,) = conn.execute("SELECT count(*) FROM ledger WHERE kind = 'reserve'").fetchone()
+    assert tasks_kept == 10 and reserves == 10

@@ -1,21 +1,28 @@
 """The database executor: runs one transaction, written as a function of a synchronous connection.
 
 On SQLite the function runs on one dedicated thread with the standard library driver: a transaction is one
-hop off the event loop, and every statement of the process is serialised through one connection. On
-PostgreSQL it runs on the async pool through ``AsyncConnection.run_sync``. Driver failures leave as
-``StorageUnavailable``, never raw.
+hop off the event loop, and every statement of the process is serialised through one connection. The
+transactions that queued up while the thread was busy share one COMMIT (a group commit): each runs inside
+its own SAVEPOINT of one transaction, a failing one is rolled back to its savepoint alone, and no caller
+hears of its result before the COMMIT that made it durable. On PostgreSQL the function runs on the async
+pool through ``AsyncConnection.run_sync``; a connection found dead before COMMIT (the server restarted, a
+proxy dropped it) is thrown away and the transaction runs once more on a fresh one, so the pool needs no
+ping per checkout. Driver failures leave as ``StorageUnavailable``, never raw.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from textgen.errors import StorageUnavailable
@@ -23,32 +30,146 @@ from textgen.storage.engine import sqlite_sync_engine
 
 T = TypeVar("T")
 
+# At most this many transactions share one COMMIT (a bound on how long the first of them waits).
+GROUP_COMMIT_MAX = 64
+
+
+@dataclass(slots=True)
+class _Job:
+    work: Callable[[Connection], Any]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+    outcome: tuple[bool, Any] | None = None  # (ok, result or exception) once its savepoint is done
+
+
+def _deliver(job: _Job, ok: bool, value: Any) -> None:
+    def settle() -> None:
+        if job.future.done():  # its caller stopped waiting (cancelled); the work ran all the same
+            return
+        if ok:
+            job.future.set_result(value)
+        else:
+            job.future.set_exception(value)
+
+    with contextlib.suppress(RuntimeError):  # its event loop has closed: nobody is waiting
+        job.loop.call_soon_threadsafe(settle)
+
+
+class SqliteWriter:
+    """The one thread that runs every transaction of this process on its one SQLite connection."""
+
+    def __init__(self, engine: Engine, max_group: int = GROUP_COMMIT_MAX) -> None:
+        self.engine = engine
+        self.max_group = max_group
+        self._jobs: deque[_Job] = deque()
+        self._ready = threading.Condition()
+        self._closed = False
+        self.commits = 0  # COMMITs issued, and transactions committed by them (for tests and metrics)
+        self.transactions = 0
+        self._thread = threading.Thread(target=self._loop, name="textgen-sqlite", daemon=True)
+        self._thread.start()
+
+    def submit(self, work: Callable[[Connection], T]) -> asyncio.Future[T]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        with self._ready:
+            if self._closed:
+                raise StorageUnavailable("database unavailable: closed")
+            self._jobs.append(_Job(work, future, loop))
+            self._ready.notify()
+        return future
+
+    def _loop(self) -> None:
+        while True:
+            with self._ready:
+                while not self._jobs and not self._closed:
+                    self._ready.wait()
+                if not self._jobs:
+                    break
+                group = [self._jobs.popleft() for _ in range(min(self.max_group, len(self._jobs)))]
+            self._run_group(group)
+        self.engine.dispose()
+
+    def _run_group(self, group: list[_Job]) -> None:
+        if len(group) == 1:  # alone: a plain transaction, no savepoint
+            job = group[0]
+            try:
+                with self.engine.begin() as conn:
+                    result = job.work(conn)
+            except BaseException as exc:
+                _deliver(job, False, exc)
+            else:
+                self.commits += 1
+                self.transactions += 1
+                _deliver(job, True, result)
+            return
+        try:
+            with self.engine.begin() as conn:
+                for job in group:
+                    try:
+                        with conn.begin_nested():
+                            job.outcome = (True, job.work(conn))
+                    except sa_exc.DBAPIError as exc:
+                        if exc.connection_invalidated:
+                            raise  # the connection is gone: so is the whole transaction
+                        job.outcome = (False, exc)
+                    except Exception as exc:
+                        job.outcome = (False, exc)
+        except BaseException as exc:
+            # The transaction as a whole failed (BEGIN, a savepoint that could not be rolled back, COMMIT):
+            # nothing of it is durable, so every job hears of that, whatever its own part did.
+            for job in group:
+                if job.outcome is not None and not job.outcome[0]:
+                    _deliver(job, False, job.outcome[1])
+                else:
+                    _deliver(job, False, exc)
+            return
+        self.commits += 1
+        self.transactions += len(group)
+        for job in group:
+            assert job.outcome is not None
+            _deliver(job, *job.outcome)
+
+    def close(self) -> None:
+        """Run what is queued, then stop the thread and close the connection."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
+        self._thread.join(timeout=30)
+
 
 class Database:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.is_postgres = engine.dialect.name == "postgresql"
-        self._sqlite = None if self.is_postgres else sqlite_sync_engine(engine)
-        self._thread = (
-            None if self.is_postgres else ThreadPoolExecutor(1, thread_name_prefix="textgen-sqlite")
-        )
+        self.sqlite = None if self.is_postgres else SqliteWriter(sqlite_sync_engine(engine))
 
     async def run(self, work: Callable[[Connection], T]) -> T:
         """Run ``work`` in one transaction."""
         try:
-            if self._sqlite is not None:
-                return await asyncio.get_running_loop().run_in_executor(self._thread, self._in_sqlite, work)
-            async with self.engine.begin() as conn:
-                return await conn.run_sync(work)
+            if self.sqlite is not None:
+                return await self.sqlite.submit(work)
+            return await self._run_postgres(work)
         except (sa_exc.IntegrityError, sa_exc.ProgrammingError):
             raise
         except (sa_exc.DBAPIError, sa_exc.TimeoutError, OSError, TimeoutError) as exc:
             raise StorageUnavailable(f"database unavailable: {type(exc).__name__}") from exc
 
-    def _in_sqlite(self, work: Callable[[Connection], T]) -> T:
-        assert self._sqlite is not None
-        with self._sqlite.begin() as conn:
-            return work(conn)
+    async def _run_postgres(self, work: Callable[[Connection], T]) -> T:
+        for attempt in (1, 2):
+            async with self.engine.connect() as conn:
+                try:
+                    await conn.begin()
+                    result = await conn.run_sync(work)
+                except sa_exc.DBAPIError as exc:
+                    # A pooled connection that died while idle fails here, before anything was committed:
+                    # SQLAlchemy has invalidated it, and the transaction runs again on a fresh connection.
+                    if exc.connection_invalidated and attempt == 1:
+                        continue
+                    raise
+                await conn.commit()  # a failure here is not retried: the commit may have happened
+                return result
+        raise AssertionError("unreachable")
 
     def notify(self, conn: Connection, channel: str, payload: str = "") -> None:
         """On PostgreSQL, wake the listeners of ``channel`` in every process once this transaction commits."""
@@ -59,7 +180,6 @@ class Database:
         await self.run(lambda conn: conn.execute(sa.text("SELECT 1")))
 
     async def aclose(self) -> None:
-        if self._sqlite is not None and self._thread is not None:
-            await asyncio.get_running_loop().run_in_executor(self._thread, self._sqlite.dispose)
-            self._thread.shutdown(wait=False)
+        if self.sqlite is not None:
+            await asyncio.to_thread(self.sqlite.close)
         await self.engine.dispose()
