@@ -299,3 +299,25 @@ def test_media_headers_give_sizes_and_durations() -> None:
     assert mapping.image_tokens(big_png) == 4 * 3 * 258
     assert mapping.mp4_duration(mp4(12.5)) == 12.5
     assert mapping.video_tokens(b"\x1a\x45\xdf\xa3" + bytes(125_000)) >= 10 * 263  # unknown container
+
+
+async def test_the_proxy_from_the_environment_carries_every_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP(S)_PROXY is read once when the session opens (not from ~/.netrc and the environment per call),
+    and every call goes through it: Gemini's address here does not resolve, only the proxy can answer."""
+    async with fake_gemini() as (fake, url):
+        monkeypatch.setenv("HTTP_PROXY", url)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        provider = GeminiProvider(gemini_settings(tmp_path, "http://gemini.invalid"))
+        try:
+            await provider.open()
+            monkeypatch.delenv("HTTP_PROXY")  # read at open(): later changes do not matter
+            generated = await provider.generate(SPEC, request(), account="a")
+            chunks = await collect(provider, request())
+        finally:
+            await provider.aclose()
+    assert generated.text == fake.reply_text
+    assert "".join(c.text for c in chunks) == fake.reply_text
+    assert fake.last.stream

@@ -19,7 +19,9 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import aiohttp
+import aiohttp.helpers
 import httpx2
+import yarl
 from google import genai
 from google.genai import types
 
@@ -52,6 +54,9 @@ class GeminiProvider:
         base = (settings.gemini_base_url or DEFAULT_BASE_URL).rstrip("/")
         self._models_url = f"{base}/{settings.gemini_api_version}/models/"
         self._session: aiohttp.ClientSession | None = None
+        # The proxy for Gemini's address from HTTPS_PROXY / NO_PROXY, read once (a session that trusts the
+        # environment reads ~/.netrc and the variables again on every request).
+        self._proxy: tuple[yarl.URL | None, aiohttp.BasicAuth | None] = (None, None)
         self._files: genai.Client | None = None
         self._files_http: httpx2.AsyncClient | None = None
 
@@ -79,12 +84,13 @@ class GeminiProvider:
         self, spec: ModelSpec, request: GenerationInput, *, account: str, progress: Progress | None = None
     ) -> Generation:
         session = self.session
+        proxy, proxy_auth = self._proxy
         url = f"{self._models_url}{spec.upstream_name}:generateContent"
         async with self._uploaded_media(request) as files:
             payload = _encode(mapping.build_body(request, files, spec.default_output_tokens))
 
             async def attempt() -> dict[str, Any]:
-                async with session.post(url, data=payload) as response:
+                async with session.post(url, data=payload, proxy=proxy, proxy_auth=proxy_auth) as response:
                     body = await response.read()
                     if response.status != 200:
                         raise wire.api_error(response.status, body, response.headers.get("retry-after"))
@@ -96,6 +102,7 @@ class GeminiProvider:
         self, spec: ModelSpec, request: GenerationInput, *, account: str
     ) -> AsyncGenerator[StreamChunk, None]:
         session = self.session
+        proxy, proxy_auth = self._proxy
         url = f"{self._models_url}{spec.upstream_name}:streamGenerateContent?alt=sse"
         async with self._uploaded_media(request) as files:
             payload = _encode(mapping.build_body(request, files, spec.default_output_tokens))
@@ -104,7 +111,7 @@ class GeminiProvider:
                 aiohttp.ClientResponse, AsyncGenerator[dict[str, Any], None], StreamChunk
             ]:
                 # Retried as a whole until the first event: until then an error is still an HTTP status.
-                response = await session.post(url, data=payload)
+                response = await session.post(url, data=payload, proxy=proxy, proxy_auth=proxy_auth)
                 events = _events(response)
                 try:
                     if response.status != 200:
@@ -160,6 +167,10 @@ class GeminiProvider:
 
     def _new_session(self) -> aiohttp.ClientSession:
         timeout = self.settings.gemini_timeout_seconds
+        try:  # HTTPS_PROXY and NO_PROXY apply, as they did with the SDK
+            self._proxy = aiohttp.helpers.get_env_proxy_for_url(yarl.URL(self._models_url))
+        except LookupError:
+            self._proxy = (None, None)
         return aiohttp.ClientSession(
             # No pool limit: the callers bound concurrency; idle connections are kept for reuse.
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
@@ -170,7 +181,7 @@ class GeminiProvider:
             # Per connection attempt and per read, as a stream may last longer than any one read.
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout),
             auto_decompress=True,
-            trust_env=True,  # HTTPS_PROXY and NO_PROXY apply, as they did with the SDK
+            trust_env=False,  # the proxy is read once above
         )
 
     async def _with_retries(self, attempt: Callable[[], Awaitable[T]]) -> T:
