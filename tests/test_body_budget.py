@@ -1,5 +1,6 @@
 """The memory budget of request bodies in flight (TEXTGEN_REQUEST_BODIES_BUDGET_BYTES), over raw sockets: two
-slow uploads that together pass it, and a chunked one that passes it while being read."""
+slow uploads that together pass it, and a chunked one that passes it while being read, each body within the
+size limit (which the budget may not be below)."""
 
 from __future__ import annotations
 
@@ -52,7 +53,9 @@ def middleware(server: Server) -> RequestContextMiddleware:
 
 
 async def test_bodies_past_the_budget_are_503_until_it_frees(tmp_path: Path, models_file: Path) -> None:
-    settings = make_settings(tmp_path, models_file=models_file, request_bodies_budget_bytes=BUDGET)
+    settings = make_settings(
+        tmp_path, models_file=models_file, request_bodies_budget_bytes=BUDGET, max_body_bytes=BUDGET
+    )
     async with run_server(settings, {"fake": FakeProvider()}, run_worker=False) as server:
         account = await server.account()
         body = create_body(800)
@@ -90,10 +93,19 @@ async def test_bodies_past_the_budget_are_503_until_it_frees(tmp_path: Path, mod
         writer.close()
         assert status == 201, created
 
-        # A chunked body (no Content-Length) is counted as it arrives, and refused once past the budget.
+        # A chunked body (no Content-Length) is counted as it arrives, and refused once past the budget: here
+        # its first 300 bytes beside another slow upload's 800, though the whole body is within the size limit.
+        slow_reader, slow = await connect(server)
+        slow.write(head(account, f"Content-Length: {len(body)}\r\n") + body[:100])
+        await slow.drain()
+        for _ in range(1000):
+            if budget.bodies_bytes:
+                break
+            await asyncio.sleep(0.01)
+        assert budget.bodies_bytes == 800
         reader, writer = await connect(server)
         writer.write(head(account, "Transfer-Encoding: chunked\r\n"))
-        big = create_body(BUDGET + 200)
+        big = create_body(600)
         for start in range(0, len(big), 300):
             piece = big[start : start + 300]
             writer.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
@@ -102,6 +114,12 @@ async def test_bodies_past_the_budget_are_503_until_it_frees(tmp_path: Path, mod
         writer.close()
         assert status == 503, error
         assert "TEXTGEN_REQUEST_BODIES_BUDGET_BYTES" in error["error"] and headers["retry-after"] == "1"
+        assert budget.bodies_bytes == 800
+        slow.close()  # leaves mid-body: its share is freed
+        for _ in range(1000):
+            if not budget.bodies_bytes:
+                break
+            await asyncio.sleep(0.01)
         assert budget.bodies_bytes == 0
         tasks = (await server.services.storage.tasks.list(account.id, limit=10))[0]
         assert len(tasks) == 2  # the two served; nothing for the refused ones

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.processes import free_port, run_cli, textgen_env, textgen_process
+from textgen import limits
 
 # (variable, value, what the one line must say besides the variable)
 BAD_SETTINGS = [
@@ -29,6 +30,14 @@ BAD_SETTINGS = [
     ("TEXTGEN_RUN_WORKER", "maybe", "valid boolean"),
     ("TEXTGEN_REDIS_URL", "http://127.0.0.1:6379", "redis://"),
     ("TEXTGEN_GEMINI_BASE_URL", "127.0.0.1:9", "http://"),
+    ("TEXTGEN_DEFAULT_CREDITS", "inf", "finite number"),
+    ("TEXTGEN_DEFAULT_CREDITS", "nan", "finite number"),
+    ("TEXTGEN_DEFAULT_CREDITS", "1000000000001", "less than or equal to 1000000000000"),
+    ("TEXTGEN_CREDITS_PER_USD", "inf", "finite number"),
+    ("TEXTGEN_CREDITS_PER_USD", "nan", "finite number"),
+    ("TEXTGEN_DEFAULT_RATE_LIMIT", "1000000001", "less than or equal to 1000000000"),
+    ("TEXTGEN_DEFAULT_RATE_LIMIT", "0", "greater than or equal to 1"),
+    ("TEXTGEN_REQUEST_BODIES_BUDGET_BYTES", "146800639", "at least TEXTGEN_MAX_BODY_BYTES (146800640)"),
 ]
 
 
@@ -47,6 +56,23 @@ def test_a_bad_setting_stops_serve_with_one_line_naming_it(
     assert lines[0].startswith(f"textgen: invalid configuration: {variable}"), lines[0]
     assert expected in lines[0]
     assert not (tmp_path / "textgen.db").exists(), "nothing is created before the settings are checked"
+
+
+def test_account_defaults_and_the_body_budget_are_accepted_at_their_edges(tmp_path: Path) -> None:
+    # The largest amounts the admin API accepts, and a budget of exactly one body at the size limit.
+    env = textgen_env(
+        TEXTGEN_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/t.db",
+        TEXTGEN_DEFAULT_CREDITS=f"{limits.MAX_CREDITS:.0f}",
+        TEXTGEN_CREDITS_PER_USD="1e-6",
+        TEXTGEN_DEFAULT_RATE_LIMIT=str(limits.MAX_RATE_LIMIT),
+        TEXTGEN_MAX_BODY_BYTES="1000",
+        TEXTGEN_REQUEST_BODIES_BUDGET_BYTES="1000",
+    )
+    done = run_cli("accounts", "create", "edge", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    created = json.loads(done.stdout)
+    assert created["remaining_credits"] == limits.MAX_CREDITS, created
+    assert created["rate_limit_per_minute"] == limits.MAX_RATE_LIMIT, created
 
 
 def test_a_bad_secret_is_named_but_not_repeated(tmp_path: Path) -> None:

@@ -22,13 +22,13 @@ from textgen.accounts import (
 )
 from textgen.catalog import from_micro, to_micro
 from textgen.errors import BadRequest
+from textgen.limits import MAX_CREDITS, MAX_RATE_LIMIT
 from textgen.presentation import iso
 from textgen.states import TaskStatus
 from textgen.storage import Storage
 from textgen.storage.admin import KeyRow, UsageRow
 from textgen.storage.rows import AccountRow, utcnow
 
-MAX_CREDITS = 1e12
 STATUSES = tuple(status.value for status in TaskStatus)
 
 
@@ -55,8 +55,10 @@ def check_credits(amount: Any, field: str, *, allow_negative: bool) -> int:
 
 
 def check_rate_limit(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1_000_000_000:
-        raise BadRequest("rate_limit: must be an integer between 1 and 1000000000 (requests per minute)")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RATE_LIMIT:
+        raise BadRequest(
+            f"rate_limit: must be an integer between 1 and {MAX_RATE_LIMIT} (requests per minute)"
+        )
     return value
 
 

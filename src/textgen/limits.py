@@ -47,6 +47,10 @@ MAX_LIST_PAGE_BYTES = 8 * 1024 * 1024
 MAX_DESCRIBED_ERRORS = 5
 MAX_EXAMINED_ERRORS = 100
 
+# Accounts (the admin API, `textgen accounts` and the settings that give new accounts their defaults).
+MAX_CREDITS = 1e12  # credits of one amount: a balance given, a grant or a deduction
+MAX_RATE_LIMIT = 1_000_000_000  # requests per minute of one account
+
 
 def check_request(data: Any) -> None:
     """Refuse a request body (parsed JSON, not yet validated) that is over a count limit, naming the field.

@@ -7,10 +7,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from textgen.errors import ConfigurationError
+from textgen.limits import MAX_CREDITS, MAX_RATE_LIMIT
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./data/textgen.db"
 # 100 MB of video, base64-encoded (4/3), plus room for the rest of the JSON body.
@@ -44,7 +45,8 @@ class Settings(BaseSettings):
         DEFAULT_REQUEST_BODIES_BUDGET_BYTES,
         gt=0,
         description="request bodies one process holds at once, in all (each from its first byte, or its "
-        "Content-Length, until it is answered); a request past it is answered 503 with Retry-After",
+        "Content-Length, until it is answered); a request past it is answered 503 with Retry-After; at least "
+        "TEXTGEN_MAX_BODY_BYTES",
     )
     admin_token: str | None = Field(
         None,
@@ -64,9 +66,15 @@ class Settings(BaseSettings):
         description="failed authentications per minute from one client address; past it the address is "
         "answered 429 with Retry-After (a key this process has just checked as valid still works)",
     )
-    default_rate_limit: int = Field(60, gt=0, description="requests per minute of new accounts")
-    default_credits: float = Field(100.0, ge=0, description="credits of new accounts")
-    credits_per_usd: float = Field(100.0, gt=0, description="credits charged per USD of model list price")
+    default_rate_limit: int = Field(
+        60, ge=1, le=MAX_RATE_LIMIT, description="requests per minute of new accounts (1 to 1,000,000,000)"
+    )
+    default_credits: float = Field(
+        100.0, ge=0, le=MAX_CREDITS, allow_inf_nan=False, description="credits of new accounts (at most 1e12)"
+    )
+    credits_per_usd: float = Field(
+        100.0, gt=0, allow_inf_nan=False, description="credits charged per USD of model list price"
+    )
     models_file: Path | None = Field(
         None, description="TOML file of extra or overriding models and prices (format of `models.toml`)"
     )
@@ -185,6 +193,17 @@ class Settings(BaseSettings):
     def _known_backend(cls, value: str) -> str:
         if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
             raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+        return value
+
+    @field_validator("request_bodies_budget_bytes")
+    @classmethod
+    def _room_for_one_body(cls, value: int, info: ValidationInfo) -> int:
+        largest = info.data.get("max_body_bytes")
+        if largest is not None and value < largest:
+            raise ValueError(
+                f"must be at least TEXTGEN_MAX_BODY_BYTES ({largest}), or a body at the size limit can never "
+                f"be read"
+            )
         return value
 
     @field_validator("log_level", mode="before")
