@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,9 @@ import pytest
 from tests.conftest import Account, Server, make_settings, run_server
 from tests.fakes.providers import FakeProvider
 from textgen import limits
-from textgen.structured import compile_schema, json_grammar
+from textgen.protocol import TextGenRequest
+from textgen.providers.local_output import plan_output
+from textgen.structured import Budget, compile_schema, json_grammar
 
 CREATE = "/sse/text_generator/"
 LIMITS_DOC = (Path(__file__).resolve().parents[1] / "docs" / "limits.md").read_text()
@@ -190,6 +193,84 @@ async def test_allowed_function_names_are_bounded(served: tuple[Server, Account]
     response = await post(served, body(tools=tools, tool_config={"function_calling_config": config}))
     assert response.status_code == 400, response.text
     assert response.json()["error"].startswith("tool_config.function_calling_config.allowed_function_names")
+
+
+LOCAL = "smollm2-135m-instruct"
+
+
+@pytest.fixture
+async def local(tmp_path: Path) -> AsyncIterator[tuple[Server, Account]]:
+    """The embedded model, in this process (so the limits can be patched), without a worker: a request it
+    admits is a pending task."""
+    async with run_server(make_settings(tmp_path, local_model_instances=1), run_worker=False) as server:
+        yield server, await server.account(credits=1_000_000)
+
+
+def local_body(schema: dict[str, Any]) -> dict[str, Any]:
+    return body(model_name=LOCAL, config={"response_json_schema": schema})
+
+
+def grammar_bytes(payload: dict[str, Any]) -> int:
+    """The grammar budget a request spends, as the embedded model's check counts it."""
+    budget = Budget(size=2**62)
+    plan_output(TextGenRequest.model_validate_json(json.dumps(payload)), budget)
+    return budget.used
+
+
+async def test_the_grammar_size_budget_holds_at_its_edge_and_one_past_it_is_a_400(
+    local: tuple[Server, Account], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    schema = {
+        "type": "object",
+        "properties": {f"p{i}": {"type": "string"} for i in range(20)},
+        "required": ["p0"],
+    }
+    payload = local_body(schema)
+    size = grammar_bytes(payload)
+    assert 1000 < size < limits.MAX_GRAMMAR_BYTES, size
+    monkeypatch.setattr(limits, "MAX_GRAMMAR_BYTES", size)
+    accepted = await post(local, payload)
+    assert accepted.status_code == 201, accepted.text
+    monkeypatch.setattr(limits, "MAX_GRAMMAR_BYTES", size - 1)
+    refused = await post(local, payload)
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"] == (
+        f"config.response_json_schema: its grammar is larger than the limit of {size - 1} bytes"
+    )
+
+
+async def test_a_grammar_that_takes_longer_than_its_time_budget_is_a_400(
+    local: tuple[Server, Account], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    payload = local_body({"type": "object", "properties": {"a": {"type": "integer"}}})
+    assert (await post(local, payload)).status_code == 201
+    # No time at all: the deadline has passed by the grammar's first rule, whatever the machine's speed.
+    monkeypatch.setattr(limits, "GRAMMAR_BUILD_SECONDS", 0.0)
+    refused = await post(local, payload)
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"] == (
+        "config.response_json_schema: building its grammar took longer than the limit of 0 s"
+    )
+    server, account = local
+    async with server.client(account) as client:
+        tasks = (await client.get(CREATE)).json()["results"]
+    assert len(tasks) == 1, "the refused request left no task"
+
+
+async def test_min_items_holds_at_the_array_limit_and_one_past_it_is_a_400(
+    local: tuple[Server, Account],
+) -> None:
+    def array(min_items: int) -> dict[str, Any]:
+        return local_body({"type": "array", "items": {"type": "integer"}, "minItems": min_items})
+
+    accepted = await post(local, array(limits.MAX_ARRAY_ITEMS))
+    assert accepted.status_code == 201, accepted.text
+    refused = await post(local, array(limits.MAX_ARRAY_ITEMS + 1))
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"] == (
+        f"config.response_json_schema: minItems {limits.MAX_ARRAY_ITEMS + 1} is more than the "
+        f"{limits.MAX_ARRAY_ITEMS} items the local model can generate"
+    )
 
 
 def test_docs_state_every_limit() -> None:

@@ -176,16 +176,15 @@ def gbnf_literal(text: str) -> str:
 class Budget:
     """The time and grammar size one request's grammars may take; past either, a SchemaProblem."""
 
-    def __init__(
-        self, seconds: float = limits.GRAMMAR_BUILD_SECONDS, size: int = limits.MAX_GRAMMAR_BYTES
-    ) -> None:
-        self.seconds = seconds
-        self.size = size
-        self.deadline = time.monotonic() + seconds
+    def __init__(self, seconds: float | None = None, size: int | None = None) -> None:
+        # The limits are read when a budget is made, not when this module is imported.
+        self.seconds = limits.GRAMMAR_BUILD_SECONDS if seconds is None else seconds
+        self.size = limits.MAX_GRAMMAR_BYTES if size is None else size
+        self.deadline = time.monotonic() + self.seconds
         self.used = 0
 
     def tick(self) -> None:
-        if time.monotonic() > self.deadline:
+        if time.monotonic() >= self.deadline:
             raise SchemaProblem(f"building its grammar took longer than the limit of {self.seconds:g} s")
 
     def spend(self, size: int) -> None:
