@@ -14,13 +14,19 @@ import pytest
 
 from tests.conftest import Account, Server, make_settings, run_server
 from tests.fakes.providers import FakeProvider
-from textgen import limits
+from textgen import idempotency, limits, protocol
+from textgen.catalog import load_catalog
 from textgen.protocol import TextGenRequest
 from textgen.providers.local_output import plan_output
+from textgen.settings import Settings
 from textgen.structured import Budget, compile_schema, json_grammar
+from textgen.webhooks import sender
+from textgen.webhooks.sender import FairShare
 
 CREATE = "/sse/text_generator/"
 LIMITS_DOC = (Path(__file__).resolve().parents[1] / "docs" / "limits.md").read_text()
+# The settings' defaults, as the docs state them.
+SETTINGS: dict[str, Any] = {name: info.default for name, info in Settings.model_fields.items()}
 
 
 def body(**overrides: Any) -> dict[str, Any]:
@@ -274,25 +280,97 @@ async def test_min_items_holds_at_the_array_limit_and_one_past_it_is_a_400(
 
 
 def test_docs_state_every_limit() -> None:
-    stated = {
-        limits.MAX_STOP_SEQUENCES: "| `config.stop_sequences` | at most {:,} |",
-        limits.MAX_FUNCTION_DECLARATIONS: "in all `tools` together | at most {:,} |",
-        limits.MAX_FUNCTION_NAME_LENGTH: "| 1 to {} characters; starts with a letter or `_`; then letters, digits, `_`, `.`, `:`, `-`",
-        limits.MAX_MESSAGES: "| `messages` | 1 to {:,} messages |",
-        limits.MAX_CONTENT_PARTS: "| at most {:,} in all messages together |",
-        limits.MAX_STOP_SEQUENCE_LENGTH: "| each of `config.stop_sequences` | 1 to {:,} characters |",
-        limits.MAX_SCHEMA_DEPTH: "nested at most {:,} objects and arrays deep",
-        limits.MAX_SCHEMA_VALUES: "at most {:,} JSON values",
-        limits.MAX_NUMBER_DIGITS: "at most {} digits before the decimal point",
-        limits.MAX_ARRAY_ITEMS: "array items generated | at most {:,}",
-        limits.MAX_GRAMMAR_BYTES // 1024: "and {} KiB of grammar",
-        limits.MAX_EXAMINED_ERRORS: "examines at most its first {} errors",
-        limits.MAX_DESCRIBED_ERRORS: "names the first {}",
-        limits.MAX_LIST_PAGE_BYTES // 1024 // 1024: "| a page of the task list | at most {} MiB of JSON",
-        limits.LOCAL_MAX_SCORED_FUNCTIONS: "| callable functions under `AUTO` / `VALIDATED` | at most {} ",
-    }
-    for value, phrase in stated.items():
-        assert phrase.format(value) in LIMITS_DOC, phrase.format(value)
+    # (value, phrase): a list, not a dict, since several limits share a value.
+    stated: list[tuple[object, str]] = [
+        (limits.MAX_STOP_SEQUENCES, "| `config.stop_sequences` | at most {:,} |"),
+        (limits.MAX_FUNCTION_DECLARATIONS, "in all `tools` together | at most {:,} |"),
+        (
+            limits.MAX_FUNCTION_NAME_LENGTH,
+            "| 1 to {} characters; starts with a letter or `_`; then letters, digits, `_`, `.`, `:`, `-`",
+        ),
+        (limits.MAX_MESSAGES, "| `messages` | 1 to {:,} messages |"),
+        (limits.MAX_CONTENT_PARTS, "| at most {:,} in all messages together |"),
+        (
+            limits.MAX_FUNCTION_DECLARATIONS,
+            "| `tools` | at most {:,} (each holds at least one declaration) |",
+        ),
+        (limits.MAX_STOP_SEQUENCE_LENGTH, "| each of `config.stop_sequences` | 1 to {:,} characters |"),
+        (limits.MAX_SCHEMA_DEPTH, "nested at most {:,} objects and arrays deep"),
+        (limits.MAX_SCHEMA_VALUES, "at most {:,} JSON values"),
+        (limits.MAX_NUMBER_DIGITS, "at most {} digits before the decimal point"),
+        (limits.MAX_ARRAY_ITEMS, "array items generated | at most {:,}"),
+        (limits.MAX_GRAMMAR_BYTES // 1024, "and {} KiB of grammar"),
+        (limits.MAX_EXAMINED_ERRORS, "examines at most its first {} errors"),
+        (limits.MAX_DESCRIBED_ERRORS, "names the first {}"),
+        (limits.MAX_LIST_PAGE_BYTES // 1024 // 1024, "| a page of the task list | at most {} MiB of JSON"),
+        (limits.LOCAL_MAX_SCORED_FUNCTIONS, "| callable functions under `AUTO` / `VALIDATED` | at most {} "),
+        # Lengths of names and ids.
+        (
+            limits.MAX_CALL_ID_LENGTH,
+            "| `function_call.id`, `function_response.id` | at most {:,} characters |",
+        ),
+        (
+            limits.MAX_FUNCTION_NAME_LENGTH,
+            "| `function_call.name`, `function_response.name` | at most {:,} characters |",
+        ),
+        (limits.MAX_MODEL_NAME_LENGTH, "| `model_name` | at most {:,} characters |"),
+        (protocol.MAX_URL_LENGTH, "| `webhook_url` | at most {:,} characters |"),
+        (idempotency.MAX_KEY_LENGTH, "| `Idempotency-Key` header | 1 to {:,} characters |"),
+        (SETTINGS["list_max_limit"], "| `?limit=` of the task list | 1 to {:,} (`TEXTGEN_LIST_MAX_LIMIT`) |"),
+        # Accounts.
+        (limits.MAX_RATE_LIMIT, "| an account's rate limit | 1 to {:,} requests per minute"),
+        (SETTINGS["default_rate_limit"], "new accounts get `TEXTGEN_DEFAULT_RATE_LIMIT` ({})"),
+        (limits.MAX_CREDITS, "a finite number of at most {:,.0f} credits in size"),
+        (SETTINGS["default_credits"], "`TEXTGEN_DEFAULT_CREDITS` ({:g}) must be one too"),
+        # Tasks and webhooks.
+        (SETTINGS["task_max_attempts"], "A queued task runs at most `TEXTGEN_TASK_MAX_ATTEMPTS` ({}) times"),
+        (SETTINGS["task_max_attempts"] + 1, "claimed {} times and never finished"),
+        (SETTINGS["webhook_refused_ports"], "by default {} (a 400 naming the port)"),
+        (
+            SETTINGS["webhook_max_redeliveries"],
+            "at most `TEXTGEN_WEBHOOK_MAX_REDELIVERIES` ({}) per task; 409 past it",
+        ),
+        (
+            SETTINGS["webhook_concurrency"],
+            "| attempts in flight, per process | `TEXTGEN_WEBHOOK_CONCURRENCY` ({});",
+        ),
+        (SETTINGS["webhook_timeout_seconds"], "| one attempt | `TEXTGEN_WEBHOOK_TIMEOUT_SECONDS` ({:g} s)"),
+        (sender.MAX_RESPONSE_BYTES // 1024, "at most {} KiB of the receiver's answer is read"),
+        # Time, memory and authentication.
+        (SETTINGS["generation_timeout_seconds"], "`TEXTGEN_GENERATION_TIMEOUT_SECONDS` ({:g} s)"),
+        (
+            SETTINGS["request_bodies_budget_bytes"] // 1024 // 1024,
+            "`TEXTGEN_REQUEST_BODIES_BUDGET_BYTES` ({} MiB)",
+        ),
+        (
+            SETTINGS["max_body_bytes"] // 1024 // 1024,
+            "| request body | {} MiB (`TEXTGEN_MAX_BODY_BYTES`, 413 above)",
+        ),
+        (
+            SETTINGS["auth_failures_per_minute"],
+            "`TEXTGEN_AUTH_FAILURES_PER_MINUTE` ({}) failed authentications",
+        ),
+    ]
+    share = FairShare.of(SETTINGS["webhook_concurrency"])
+    stated += [
+        (share.per_destination, "holds at most a quarter of them ({} of {})"),
+        (share.per_account, "one account at most half ({} of {})"),
+    ]
+    # Each model's output limits: the built-in catalog's, one row per provider.
+    catalog = load_catalog()
+    rows = {"local": "| `smollm2-135m-instruct` (the embedded model) |", "gemini": "| the Gemini models |"}
+    assert {spec.provider for spec in catalog.values()} == set(rows)
+    for provider, row in rows.items():
+        figures = {
+            (s.max_output_tokens, s.default_output_tokens) for s in catalog.values() if s.provider == provider
+        }
+        assert len(figures) == 1, (provider, figures)
+        most, default = figures.pop()
+        stated.append((most, row + " at most {:,} | " + f"{default:,} |"))
+    doc = " ".join(LIMITS_DOC.split())  # phrases may be wrapped
+    for value, phrase in stated:
+        wanted = phrase.format(value, SETTINGS["webhook_concurrency"])
+        assert wanted in doc, wanted
     assert f"{limits.GRAMMAR_BUILD_SECONDS:g} s and" in LIMITS_DOC
     assert f"| scoring those functions | {limits.LOCAL_SCORING_SECONDS:g} s;" in LIMITS_DOC
 

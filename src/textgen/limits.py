@@ -24,6 +24,9 @@ FUNCTION_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.:\-]{0,63}$"
 MAX_MESSAGES = 1_000
 MAX_CONTENT_PARTS = 1_000  # in all messages together
 MAX_STOP_SEQUENCE_LENGTH = 128  # characters
+MAX_MODEL_NAME_LENGTH = 255  # characters of model_name
+MAX_CALL_ID_LENGTH = 256  # characters of function_call.id and function_response.id
+MAX_URL_LENGTH = 2048  # characters of webhook_url
 # A response_json_schema, or one function's parameters.
 MAX_SCHEMA_DEPTH = 64  # nested objects and arrays
 MAX_SCHEMA_VALUES = 10_000  # objects, arrays, strings, numbers, booleans and nulls (keys not counted)

@@ -22,7 +22,7 @@ from textgen import limits, media
 from textgen.states import TaskStatus
 
 MAX_MESSAGES = limits.MAX_MESSAGES
-MAX_URL_LENGTH = 2048
+MAX_URL_LENGTH = limits.MAX_URL_LENGTH
 FUNCTION_NAME_PATTERN = limits.FUNCTION_NAME_PATTERN
 
 
@@ -97,9 +97,9 @@ ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="t
 class FunctionCallPart(_Strict):
     """A function call issued by the model."""
 
-    name: str = Field(max_length=64)
+    name: str = Field(max_length=limits.MAX_FUNCTION_NAME_LENGTH)
     args: dict[str, Any] = Field(default_factory=dict)
-    id: str | None = Field(None, max_length=256)
+    id: str | None = Field(None, max_length=limits.MAX_CALL_ID_LENGTH)
     thought_signature: str | None = Field(
         None, description="Opaque signature returned by Gemini 3; send it back unchanged."
     )
@@ -108,9 +108,9 @@ class FunctionCallPart(_Strict):
 class FunctionResponsePart(_Strict):
     """A function response supplied by the caller."""
 
-    name: str = Field(max_length=64)
+    name: str = Field(max_length=limits.MAX_FUNCTION_NAME_LENGTH)
     response: JsonObject
-    id: str | None = Field(None, max_length=256)
+    id: str | None = Field(None, max_length=limits.MAX_CALL_ID_LENGTH)
 
 
 class Message(_Strict):
@@ -205,7 +205,9 @@ class ToolConfig(_Strict):
 class GenerationInput(_Strict):
     """What a model is asked: the create request without delivery options."""
 
-    model_name: str = Field(max_length=255, description="Name of the model (e.g. gemini-2.5-flash).")
+    model_name: str = Field(
+        max_length=limits.MAX_MODEL_NAME_LENGTH, description="Name of the model (e.g. gemini-2.5-flash)."
+    )
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     system_instruction: str = ""
     config: TextGenConfig = Field(default_factory=TextGenConfig)
