@@ -6,15 +6,17 @@ from __future__ import annotations
 import json
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 
 from tests.conftest import make_settings, run_server
 from tests.fakes.providers import FakeProvider
 from tests.processes import free_port, run_cli, textgen_env, textgen_process
-from textgen.catalog import ModelSpec
+from textgen.accounts import AccountService
+from textgen.catalog import ModelSpec, Pricing
 from textgen.protocol import GenerationInput
 
 CREATE = "/sse/text_generator/"
@@ -88,10 +90,9 @@ async def test_a_wrong_method_on_a_known_route_is_405_with_allow(tmp_path: Path,
             assert (await client.post(CREATE, json=BODY)).status_code == 201
 
 
-@dataclass
-class CrashingProvider(FakeProvider):
+class CrashingCountProvider(FakeProvider):
     def count_input_tokens(self, spec: ModelSpec, request: GenerationInput) -> int:
-        raise RuntimeError("a bug")
+        raise RuntimeError("a bug in a token count")
 
 
 class CrashingCheckProvider(FakeProvider):
@@ -99,32 +100,74 @@ class CrashingCheckProvider(FakeProvider):
         raise RuntimeError("a bug in a check")
 
 
-async def test_an_unexpected_error_is_a_500_with_the_headers_and_its_request_id(
-    tmp_path: Path, models_file: Path
+def crashing_cost(self: Pricing, spec: ModelSpec, input_tokens: int, output_tokens: int) -> int:
+    raise RuntimeError("a bug in pricing")
+
+
+@pytest.mark.parametrize(
+    ("provider", "pricing", "bug"),
+    [
+        pytest.param(CrashingCheckProvider(), None, "a bug in a check", id="check"),
+        pytest.param(CrashingCountProvider(), None, "a bug in a token count", id="token-count"),
+        pytest.param(FakeProvider(), crashing_cost, "a bug in pricing", id="pricing"),
+    ],
+)
+async def test_a_failure_anywhere_in_admission_is_a_logged_503_that_reserves_nothing(
+    tmp_path: Path,
+    models_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    provider: FakeProvider,
+    pricing: Any,
+    bug: str,
 ) -> None:
+    if pricing is not None:
+        monkeypatch.setattr(Pricing, "cost", pricing)
     settings = make_settings(tmp_path, models_file=models_file)
-    async with run_server(settings, {"fake": CrashingProvider()}, run_worker=False) as server:
+    async with run_server(settings, {"fake": provider}, run_worker=False) as server:
         account = await server.account()
         async with server.client(account) as client:
-            crashed = await client.post(CREATE, json=BODY)
+            refused = [
+                await client.post(CREATE, json=BODY),
+                await client.post(CREATE, json={**BODY, "sync": True}),
+                await client.post(f"{CREATE}stream/", json=BODY),
+            ]
+            credits = (await client.get("/api/remaining_credits/")).json()["remaining_credits"]
+            tasks = (await client.get(CREATE)).json()["results"]
+    for response in refused:
+        assert response.status_code == 503, response.text
+        assert_documented_headers(response)
+        assert response.headers["retry-after"] == "1"
+        assert response.json()["error"] == (
+            "could not admit this request for model 'fake-model'; the failure is logged, try again later"
+        )
+    assert credits == 100.0 and tasks == [], "a refused request reserves nothing and leaves no task"
+    logged = [r for r in caplog.records if r.name == "textgen.tasks" and bug in (r.exc_text or "")]
+    assert len(logged) == 3, caplog.text
+
+
+async def test_an_unexpected_error_outside_admission_is_a_500_with_the_headers_and_its_request_id(
+    tmp_path: Path, models_file: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def crashing_balance(self: AccountService, account: Any) -> int:
+        raise RuntimeError("a bug in reading a balance")
+
+    monkeypatch.setattr(AccountService, "balance", crashing_balance)
+    settings = make_settings(tmp_path, models_file=models_file)
+    async with run_server(settings, {"fake": FakeProvider()}, run_worker=False) as server:
+        account = await server.account()
+        async with server.client(account) as client:
+            assert (await client.post(CREATE, json=BODY)).status_code == 201  # admission is not involved
+            crashed = await client.get("/api/remaining_credits/")
     assert crashed.status_code == 500
     assert_documented_headers(crashed)
-    assert crashed.json()["error"] == f"internal error (request id {crashed.headers['x-request-id']})"
-
-
-async def test_a_check_that_fails_inside_is_a_logged_503_with_the_headers(
-    tmp_path: Path, models_file: Path
-) -> None:
-    settings = make_settings(tmp_path, models_file=models_file)
-    async with run_server(settings, {"fake": CrashingCheckProvider()}, run_worker=False) as server:
-        account = await server.account()
-        async with server.client(account) as client:
-            refused = await client.post(CREATE, json=BODY)
-            credits = (await client.get("/api/remaining_credits/")).json()["remaining_credits"]
-    assert refused.status_code == 503
-    assert_documented_headers(refused)
-    assert "try again later" in refused.json()["error"]
-    assert credits == 100.0, "a refused request reserves nothing"
+    request_id = crashed.headers["x-request-id"]
+    assert crashed.json()["error"] == f"internal error (request id {request_id})"
+    assert any(
+        f"request {request_id}: unhandled RuntimeError" in r.getMessage()
+        and "a bug in reading a balance" in (r.exc_text or "")
+        for r in caplog.records
+    ), caplog.text
 
 
 def test_a_client_leaving_mid_body_is_logged_at_info_without_a_traceback(tmp_path: Path) -> None:

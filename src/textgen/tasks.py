@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from textgen import metrics
 from textgen.catalog import ModelSpec, Pricing
-from textgen.errors import BadRequest, Conflict
+from textgen.errors import BadRequest, Conflict, ServiceUnavailable, TextgenError
 from textgen.lifecycle import Lifecycle
 from textgen.notify import Wakeups
 from textgen.protocol import GenerationInput, TextGenRequest
@@ -21,6 +22,8 @@ from textgen.storage.outbox import Outbox
 from textgen.storage.queue import TaskQueue
 from textgen.storage.rows import AccountRow, Cursor, DeliveryHistory, Outcome, TaskRow
 from textgen.webhooks.addresses import AddressPolicy, RefusedDestination
+
+log = logging.getLogger("textgen.tasks")
 
 _STORED_EXCLUDE = {"model_name", "sync", "webhook_url"}
 # How long a cancel request waits for the process running the task to stop and settle it.
@@ -77,11 +80,23 @@ class TaskService:
         self.max_redeliveries = max_redeliveries
 
     async def admit(self, request: GenerationInput) -> Admission:
-        """Check model and features, and price the worst case to reserve."""
-        spec, provider = await self.registry.admit(request)
-        input_estimate = provider.count_input_tokens(spec, request)
-        max_output = request.config.max_output_tokens or spec.default_output_tokens
-        return Admission(spec, provider, self.pricing.cost(spec, input_estimate, max_output))
+        """Check model and features, and price the worst case to reserve.
+
+        A refusal is the TextgenError it raised (a 4xx); any other failure in here (a defect in a provider's
+        check or token count, or in pricing) is logged and becomes a 503 before anything is reserved."""
+        try:
+            spec, provider = await self.registry.admit(request)
+            input_estimate = provider.count_input_tokens(spec, request)
+            max_output = request.config.max_output_tokens or spec.default_output_tokens
+            return Admission(spec, provider, self.pricing.cost(spec, input_estimate, max_output))
+        except TextgenError:
+            raise
+        except Exception as exc:
+            log.error("admitting a request for model %r failed", request.model_name, exc_info=exc)
+            raise ServiceUnavailable(
+                f"could not admit this request for model {request.model_name!r}; the failure is logged, "
+                "try again later"
+            ) from exc
 
     @staticmethod
     def stored_request(request: GenerationInput) -> dict[str, Any]:

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from textgen.catalog import ModelSpec
-from textgen.errors import BadRequest, ServiceUnavailable, TextgenError
+from textgen.errors import BadRequest
 from textgen.protocol import GenerationInput
 from textgen.providers.base import FunctionCall, Generation, Provider, StreamChunk
 
 __all__ = ["FunctionCall", "Generation", "Provider", "ProviderRegistry", "StreamChunk"]
-
-log = logging.getLogger("textgen.providers")
 
 
 class ProviderRegistry:
@@ -55,15 +52,8 @@ class ProviderRegistry:
                 f"config.max_output_tokens: {mot} exceeds the maximum of {spec.max_output_tokens} "
                 f"for model {spec.name!r}"
             )
-        try:
-            await asyncio.get_running_loop().run_in_executor(self._checks, provider.check, spec, request)
-        except (TextgenError, asyncio.CancelledError):
-            raise
-        except Exception as exc:  # a defect in a check (say a RecursionError): logged, never a 500
-            log.error("checking a request for %s failed", spec.name, exc_info=exc)
-            raise ServiceUnavailable(
-                f"could not check this request for model {spec.name!r}; the failure is logged, try again later"
-            ) from exc
+        # A defect in a check (say a RecursionError) is not a refusal: TaskService.admit logs it as a 503.
+        await asyncio.get_running_loop().run_in_executor(self._checks, provider.check, spec, request)
         return spec, provider
 
     async def aclose(self) -> None:
