@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from textgen.capacity import Capacity
 from textgen.catalog import Pricing
@@ -18,6 +19,7 @@ from textgen.providers import ProviderRegistry
 from textgen.settings import Settings, load_settings
 from textgen.storage import Storage
 from textgen.storage.migrate import upgrade
+from textgen.storage.outbox import insert_delivery, new_delivery_id
 from textgen.storage.rows import AttemptRecord, Outcome, TaskRow, utcnow
 from textgen.webhooks.payload import webhook_payload
 
@@ -204,3 +206,54 @@ async def test_claims_take_every_accounts_oldest_first_and_each_url_in_turn(stor
     rest = await store.outbox.claim("s", 60, 5, choose=lambda offers: [o.id for o in offers][1:])
     assert [row.account_id for row in rest] == [a.account_id] * 2
     assert len(await store.outbox.claim("s", 60, 5)) == 1
+
+
+async def test_a_claims_work_does_not_grow_with_the_backlog(tmp_path: Path) -> None:
+    """A claim reads each (account, URL) pair's oldest due deliveries on an index, whatever the backlog:
+    one claim over 4,400 due deliveries runs about as many SQLite VM steps as over 400 (where every pair
+    already has more due deliveries than a claim ranks)."""
+    settings = load_settings(database_url=f"sqlite+aiosqlite:///{tmp_path}/backlog.db")
+    await asyncio.to_thread(upgrade, settings)
+    store = Storage.open(settings)
+    try:
+        a = await finished_task(store, "a")
+        b = await finished_task(store, "b")
+        steps = 0
+
+        def count() -> int:
+            nonlocal steps
+            steps += 1
+            return 0
+
+        def queue_many(n: int) -> None:
+            def work(conn: sa.Connection) -> None:
+                for i in range(n):
+                    task = a if i % 2 else b
+                    insert_delivery(
+                        conn,
+                        delivery_id=new_delivery_id(),
+                        task_id=task.id,
+                        account_id=task.account_id,
+                        url=f"http://example.com/{i % 3}",
+                        payload="{}",
+                    )
+
+            return work
+
+        async def claim_steps() -> tuple[int, int]:
+            nonlocal steps
+            await store.db.run(lambda conn: conn.connection.driver_connection.set_progress_handler(count, 10))
+            steps = 0
+            claimed = await store.outbox.claim("s", 60, 4, choose=lambda offers: [o.id for o in offers])
+            await store.db.run(lambda conn: conn.connection.driver_connection.set_progress_handler(None, 10))
+            return steps, len(claimed)
+
+        await store.db.run(queue_many(400))
+        small, took = await claim_steps()
+        assert took == 4
+        await store.db.run(queue_many(4000))
+        large, took = await claim_steps()
+        assert took == 4
+        assert small > 0 and large < 1.5 * small, (small, large)
+    finally:
+        await store.aclose()

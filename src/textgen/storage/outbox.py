@@ -31,6 +31,56 @@ _INSERT_DELIVERY = _d.insert()
 # How many due deliveries a claim looks at per slot it fills, when some may be passed over (a busy destination).
 OFFERS_PER_SLOT = 8
 
+# The offers of a claim, in turns (every account's oldest due delivery first, then every account's next; within
+# an account each URL's oldest before any URL's second), at a cost that does not grow with the backlog: the
+# (account, URL) pairs with pending deliveries are stepped through on the index, a few seeks each (a
+# recursive query), and only the first ``offers`` due deliveries of each pair are ranked. That is exact: an offer among
+# the first ``offers`` by turn is among the first ``offers`` of its own URL.
+_FIRST_ACCOUNT = """(SELECT x.account_id FROM webhook_deliveries x WHERE x.status = :pending{after}
+        ORDER BY x.account_id LIMIT 1)"""
+_NEXT_ACCOUNT = _FIRST_ACCOUNT.format(after=" AND x.account_id > p.account_id")
+_NEXT_URL = """(SELECT x.url FROM webhook_deliveries x WHERE x.status = :pending
+        AND x.account_id = p.account_id AND x.url > p.url ORDER BY x.url LIMIT 1)"""
+
+
+def _first_url(account: str) -> str:
+    return f"""(SELECT x.url FROM webhook_deliveries x WHERE x.status = :pending AND x.account_id = {account}
+        ORDER BY x.url LIMIT 1)"""
+
+
+_OFFERS = sa.text(
+    f"""
+WITH RECURSIVE pairs(account_id, url) AS (
+    SELECT {_FIRST_ACCOUNT.format(after="")}, CAST({_first_url(_FIRST_ACCOUNT.format(after=""))} AS TEXT)
+    UNION ALL
+    SELECT CASE WHEN {_NEXT_URL} IS NOT NULL THEN p.account_id ELSE {_NEXT_ACCOUNT} END,
+        CAST(COALESCE({_NEXT_URL}, {_first_url(_NEXT_ACCOUNT)}) AS TEXT)
+    FROM pairs p WHERE p.account_id IS NOT NULL
+),
+candidates AS (
+    SELECT d.id, d.account_id, d.url, d.next_attempt_at
+    FROM pairs p JOIN webhook_deliveries d ON d.id IN (
+        SELECT x.id FROM webhook_deliveries x
+        WHERE x.status = :pending AND x.account_id = p.account_id AND x.url = p.url
+            AND x.next_attempt_at <= :now AND (x.locked_until IS NULL OR x.locked_until < :now)
+        ORDER BY x.next_attempt_at, x.id LIMIT :offers)
+),
+by_url AS (
+    SELECT id, account_id, url, next_attempt_at,
+        row_number() OVER (PARTITION BY account_id, url ORDER BY next_attempt_at, id) AS url_turn
+    FROM candidates
+),
+ranked AS (
+    SELECT id, account_id, url, next_attempt_at,
+        row_number() OVER (PARTITION BY account_id ORDER BY url_turn, next_attempt_at, id) AS turn
+    FROM by_url
+)
+SELECT id, account_id, url FROM ranked ORDER BY turn, next_attempt_at, id LIMIT :offers
+"""
+).bindparams(
+    sa.bindparam("now", type_=_d.c.next_attempt_at.type), sa.bindparam("pending"), sa.bindparam("offers")
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Offer:
@@ -149,36 +199,20 @@ class Outbox:
         ``limit``). Only unlocked (or expired) rows are taken, so at most one attempt per delivery is in flight.
         """
         now = utcnow()
+        # Checked on the rows the ids pick: with status behind a function, no index on it competes with the
+        # primary key (SQLite would otherwise range-scan every due delivery to find the few chosen).
         due = sa.and_(
-            _d.c.status == DeliveryStatus.PENDING,
+            sa.func.coalesce(_d.c.status, "") == DeliveryStatus.PENDING,
             _d.c.next_attempt_at <= now,
             sa.or_(_d.c.locked_until.is_(None), _d.c.locked_until < now),
         )
-        url_turn = sa.func.row_number().over(
-            partition_by=(_d.c.account_id, _d.c.url), order_by=(_d.c.next_attempt_at, _d.c.id)
-        )
-        by_url = (
-            sa.select(_d.c.id, _d.c.account_id, _d.c.url, _d.c.next_attempt_at, url_turn.label("url_turn"))
-            .where(due)
-            .subquery()
-        )
-        turn = sa.func.row_number().over(
-            partition_by=by_url.c.account_id,
-            order_by=(by_url.c.url_turn, by_url.c.next_attempt_at, by_url.c.id),
-        )
-        ranked = sa.select(
-            by_url.c.id, by_url.c.account_id, by_url.c.url, by_url.c.next_attempt_at, turn.label("turn")
-        ).subquery()
         # More offers than room when choosing, as some may be passed over.
-        offered = (
-            sa.select(ranked.c.id, ranked.c.account_id, ranked.c.url)
-            .order_by(ranked.c.turn, ranked.c.next_attempt_at, ranked.c.id)
-            .limit(limit * OFFERS_PER_SLOT if choose is not None else limit)
-        )
+        wanted = limit * OFFERS_PER_SLOT if choose is not None else limit
+        offers_params = {"now": now, "pending": DeliveryStatus.PENDING.value, "offers": wanted}
         lock = _d.update().values(locked_by=worker_id, locked_until=now + dt.timedelta(seconds=lease_seconds))
 
         def work(conn: Connection) -> list[DeliveryRow]:
-            offers = [Offer(r.id, r.account_id, r.url) for r in conn.execute(offered).all()]
+            offers = [Offer(r.id, r.account_id, r.url) for r in conn.execute(_OFFERS, offers_params).all()]
             ids = choose(offers)[:limit] if choose is not None else [offer.id for offer in offers]
             if not ids:
                 return []

@@ -131,6 +131,7 @@ webhook_deliveries = sa.Table(
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),
     sa.Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+    sa.Index("ix_webhook_deliveries_pair", "status", "account_id", "url", "next_attempt_at", "id"),
     sa.Index("ix_webhook_deliveries_task", "task_id"),
 )
 
