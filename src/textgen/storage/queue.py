@@ -21,7 +21,7 @@ from textgen.storage.database import Database
 from textgen.storage.idempotency import attach_task
 from textgen.storage.outbox import insert_delivery, new_delivery_id
 from textgen.storage.rows import Cursor, Outcome, Renewal, TaskRow, task_row, task_values, utcnow
-from textgen.storage.tables import accounts, tasks, webhook_deliveries
+from textgen.storage.tables import accounts, ledger, tasks, webhook_deliveries
 
 # Statements of the request path, built once: constructing and cache-keying them per call costs more than
 # executing them on SQLite.
@@ -43,6 +43,27 @@ _ADD = (
     .returning(accounts.c.balance)
 )
 _INSERT_TASK = tasks.insert()
+
+
+def _ledger_after(update: sa.Update) -> sa.Insert:
+    """PostgreSQL: ``update`` (of one account's balance, returning it) and its ledger row as one statement, so
+    that the account's row lock (every task of the account contends for it) is taken by the transaction's
+    last statement and held only until COMMIT. No row when the update matched nothing."""
+    changed = update.cte("changed")
+    values = sa.select(
+        _b("account_id", type_=ledger.c.account_id.type),
+        _b("task_id", type_=ledger.c.task_id.type),
+        _b("kind", type_=ledger.c.kind.type),
+        _b("ledger_amount", type_=ledger.c.amount.type),
+        changed.c.balance,
+        _b("ledger_at", type_=ledger.c.created_at.type),  # not "created_at": the UPDATE would set that column
+    )
+    columns = ["account_id", "task_id", "kind", "amount", "balance_after", "created_at"]
+    return ledger.insert().from_select(columns, values).returning(ledger.c.balance_after)
+
+
+_RESERVE_AND_LEDGER = _ledger_after(_RESERVE)
+_ADD_AND_LEDGER = _ledger_after(_ADD)
 _TASK_BY_ID = sa.select(tasks).where(tasks.c.id == _b("task_id"))
 _TASK_OF_ACCOUNT = sa.select(tasks).where(tasks.c.id == _b("task_id"), tasks.c.account_id == _b("account_id"))
 _HELD = sa.and_(
@@ -214,12 +235,14 @@ class TaskQueue:
         lease_owner: str | None = None,
         lease_seconds: float = 0.0,
         notify: bool = False,
+        provider: str = "",
         idempotency_key: str | None = None,
     ) -> TaskRow:
         """Reserve ``reserve`` micro-credits and insert the task, atomically; 402 if the balance is short.
 
         With ``lease_owner`` the task starts running and leased to the caller (sync and stream modes).
-        ``notify`` wakes the workers of other processes once the task is committed.
+        ``notify`` wakes the workers of other processes once the task is committed (those with room for
+        ``provider``, the NOTIFY's payload; all when empty).
         """
         now = utcnow()
         running = lease_owner is not None
@@ -246,30 +269,24 @@ class TaskQueue:
             updated_at=now,
         )
 
+        refused = InsufficientCredits(
+            f"not enough credits: this request may cost up to {from_micro(reserve):g} credits"
+        )
+
         def work(conn: Connection) -> None:
-            balance_after = conn.execute(_RESERVE, {"account_id": account_id, "amount": reserve}).scalar()
-            if balance_after is None:
-                if conn.execute(ACCOUNT_BY_ID, {"account_id": account_id}).one().disabled:
-                    raise AccountDisabled("this account is disabled; ask the operator to enable it")
-                raise InsufficientCredits(
-                    f"not enough credits: this request may cost up to {from_micro(reserve):g} credits"
-                )
             conn.execute(_INSERT_TASK, task_values(task))
-            conn.execute(
-                INSERT_LEDGER,
-                {
-                    "account_id": account_id,
-                    "task_id": task.id,
-                    "kind": "reserve",
-                    "amount": -reserve,
-                    "balance_after": balance_after,
-                    "created_at": now,
-                },
-            )
             if idempotency_key is not None:
                 attach_task(conn, account_id, idempotency_key, task.id)
             if notify:
-                self.db.notify(conn, TASKS_CHANNEL)
+                self.db.notify(conn, TASKS_CHANNEL, provider)
+            # The account's balance last: its row lock is then held the shortest time.
+            charged = self._move_credits(
+                conn, account_id, task.id, "reserve", reserve, -reserve, now, _RESERVE, _RESERVE_AND_LEDGER
+            )
+            if not charged:
+                if conn.execute(ACCOUNT_BY_ID, {"account_id": account_id}).one().disabled:
+                    raise AccountDisabled("this account is disabled; ask the operator to enable it")
+                raise refused
 
         await self.db.run(work)
         return task
@@ -422,6 +439,46 @@ class TaskQueue:
 
         return await self.db.run(work)
 
+    def _move_credits(
+        self,
+        conn: Connection,
+        account_id: int,
+        task_id: str,
+        kind: str,
+        amount: int,
+        ledger_amount: int,
+        now: dt.datetime,
+        update: sa.Update,
+        update_and_ledger: sa.Insert,
+    ) -> bool:
+        """Change an account's balance by ``update`` (with ``amount``) and write its ledger row; False when
+        ``update`` matched nothing (then nothing changed)."""
+        if self.db.is_postgres:
+            values = {
+                "account_id": account_id,
+                "task_id": task_id,
+                "kind": kind,
+                "amount": amount,
+                "ledger_amount": ledger_amount,
+                "ledger_at": now,
+            }
+            return conn.execute(update_and_ledger, values).first() is not None
+        balance_after = conn.execute(update, {"account_id": account_id, "amount": amount}).scalar()
+        if balance_after is None:
+            return False
+        conn.execute(
+            INSERT_LEDGER,
+            {
+                "account_id": account_id,
+                "task_id": task_id,
+                "kind": kind,
+                "amount": ledger_amount,
+                "balance_after": balance_after,
+                "created_at": now,
+            },
+        )
+        return True
+
     def _record(
         self,
         conn: Connection,
@@ -452,21 +509,6 @@ class TaskQueue:
         if row is None:
             return None
         finished = task_row(row)
-        balance_after = conn.execute(
-            _ADD, {"account_id": task.account_id, "amount": settlement.returned}
-        ).scalar_one()
-        conn.execute(
-            INSERT_LEDGER,
-            {
-                "account_id": task.account_id,
-                "task_id": task.id,
-                # "release": nothing was charged (a failure that used nothing); "settle": a charge.
-                "kind": "settle" if outcome.status == TaskStatus.DONE or settlement.charged else "release",
-                "amount": settlement.returned,
-                "balance_after": balance_after,
-                "created_at": now,
-            },
-        )
         if finished.webhook_url:
             insert_delivery(
                 conn,
@@ -478,6 +520,13 @@ class TaskQueue:
             )
             if notify_delivery:
                 self.db.notify(conn, DELIVERIES_CHANNEL)
+        # "release": nothing was charged (a failure that used nothing); "settle": a charge.
+        kind = "settle" if outcome.status == TaskStatus.DONE or settlement.charged else "release"
+        returned = settlement.returned
+        moved = self._move_credits(
+            conn, task.account_id, task.id, kind, returned, returned, now, _ADD, _ADD_AND_LEDGER
+        )
+        assert moved, "the account of a task exists"
         return finished
 
     async def counts(self) -> dict[str, int]:
