@@ -4,6 +4,7 @@ fairly between accounts; sync requests hold the same slots. Driven over real HTT
 from __future__ import annotations
 
 import asyncio
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -150,3 +151,62 @@ async def test_sync_requests_hold_the_slots_the_worker_claims_with(settings: Any
             assert answer.status_code == 201 and answer.json()["status"] == "done"
         # Freeing the sync request's slot wakes the worker at once (it had no room when it last looked).
         assert (await server.wait_for(account, queued))["status"] == "done"
+
+
+def record_claims(server: Server) -> list[tuple[float, tuple[str, ...] | None]]:
+    """Every claim statement the worker runs from now on: when, and for which models (None: the others)."""
+    queue = server.services.storage.tasks
+    claims: list[tuple[float, tuple[str, ...] | None]] = []
+    original = queue.claim_batch
+
+    async def claim_batch(*args: Any, **kwargs: Any) -> Any:
+        models = kwargs.get("models")
+        claims.append((asyncio.get_running_loop().time(), tuple(models) if models is not None else None))
+        return await original(*args, **kwargs)
+
+    queue.claim_batch = claim_batch  # type: ignore[method-assign]
+    return claims
+
+
+async def test_a_queued_task_wakes_only_its_own_providers_claim(tmp_path: Path) -> None:
+    """A task's wake-up names its provider: a provider whose last claim found nothing is not asked again
+    until a task of its own is queued (or a poll interval passes), and a finished task that leaves nothing
+    queued triggers no claim."""
+    models = tmp_path / "models.toml"
+    models.write_text(TWO_PROVIDERS)
+    settings = make_settings(tmp_path, models_file=models, worker_poll_seconds=120.0)
+    async with run_server(
+        settings, {"fake": FakeProvider(slots=8), "other": FakeProvider(slots=8)}
+    ) as server:
+        account = await server.account(credits=10_000)
+        await until(lambda: server.services.worker.claims >= 1)  # the first claim asks every provider
+        claims = record_claims(server)
+        async with server.client(account) as client:
+            ids = [
+                (await client.post("/sse/text_generator/", json=body(f"t{i}"))).json()["id"]
+                for i in range(20)
+            ]
+            for task_id in ids:
+                assert (await server.wait_for(account, task_id))["status"] == "done"
+            asked = [models for _, models in claims]
+            assert ("other-model",) not in asked
+            assert 1 <= asked.count(("fake-model",)) <= 20  # at most one per task queued, none per finish
+            other = (await client.post("/sse/text_generator/", json=body("o", "other-model"))).json()["id"]
+            assert (await server.wait_for(account, other))["status"] == "done"
+        assert ("other-model",) in [models for _, models in claims]
+
+
+async def test_wake_ups_within_the_claim_interval_share_one_claim(tmp_path: Path, models_file: Path) -> None:
+    settings = make_settings(tmp_path, models_file=models_file, claim_interval_seconds=0.2)
+    async with run_server(settings, {"fake": FakeProvider(slots=8)}) as server:
+        account = await server.account(credits=10_000)
+        claims = record_claims(server)
+        async with server.client(account) as client:
+            created = await asyncio.gather(
+                *(client.post("/sse/text_generator/", json=body(f"t{i}")) for i in range(12))
+            )
+            for answer in created:
+                assert (await server.wait_for(account, answer.json()["id"]))["status"] == "done"
+    starts = [at for at, models in claims if models is not None]
+    assert starts
+    assert all(later - earlier >= 0.19 for earlier, later in itertools.pairwise(starts))

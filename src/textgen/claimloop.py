@@ -20,9 +20,20 @@ T = TypeVar("T")
 
 class ClaimLoop(Generic[T]):
     def __init__(
-        self, *, name: str, capacity: int, poll_seconds: float, wake: asyncio.Event, log: logging.Logger
+        self,
+        *,
+        name: str,
+        capacity: int,
+        poll_seconds: float,
+        wake: asyncio.Event,
+        log: logging.Logger,
+        claim_interval: float = 0.0,
     ) -> None:
         self.name = name
+        # The least time between two claims: wake-ups within it (on PostgreSQL every process hears of every
+        # task and delivery queued) share one claim instead of each running its own.
+        self.claim_interval = claim_interval
+        self._last_claim = -float("inf")
         self.capacity = capacity
         self.poll_seconds = poll_seconds
         self._wake = wake
@@ -30,11 +41,16 @@ class ClaimLoop(Generic[T]):
         self._stopping = False
         self._inflight: dict[str, asyncio.Task[object]] = {}
         self.completed = 0
+        # Set by ``claim`` when it found less work than it had room for, and nothing it passed over: until
+        # work is queued again (a wake-up) or the next poll, a finished item need not trigger another claim.
+        self.drained = False
+        self.claims = 0  # claim statements run (for tests and metrics)
 
     # ---- what a subclass provides ---------------------------------------------------------------
 
     async def claim(self, room: int) -> list[T]:
-        """Take up to ``room`` items of work (each leased or locked to this process)."""
+        """Take up to ``room`` items of work (each leased or locked to this process), and set ``drained``
+        when there was no more to take."""
         raise NotImplementedError
 
     def key(self, item: T) -> str:
@@ -68,12 +84,18 @@ class ClaimLoop(Generic[T]):
     async def run(self, *, burst: bool = False) -> None:
         """Claim and run until stopped; with ``burst``, return once nothing is claimable or running."""
         self._stopping = False
+        loop = asyncio.get_running_loop()
         while not self._stopping:
+            pause = self._last_claim + self.claim_interval - loop.time()
+            if pause > 0:
+                await asyncio.sleep(pause)
             self._wake.clear()
             room = self.room()
             claimed: list[T] = []
             if room > 0:
                 try:
+                    self.claims += 1
+                    self._last_claim = loop.time()
                     claimed = await self.claim(room)
                 except StorageUnavailable as exc:
                     self._log.warning("%s: cannot claim (%s); retrying", self.name, exc)
@@ -102,7 +124,8 @@ class ClaimLoop(Generic[T]):
         self.completed += 1
         if not task.cancelled() and task.exception() is not None:
             self._log.error("%s %s: crashed", self.name, key, exc_info=task.exception())
-        self._wake.set()
+        if not self.drained:  # the queue had more than there was room for: take the next now
+            self._wake.set()
 
     async def stop(self, grace_seconds: float) -> None:
         """Stop claiming; let what runs finish within ``grace_seconds``, then give the rest back."""

@@ -41,6 +41,8 @@ class Wakeups:
         self.tasks = asyncio.Event()
         self.deliveries = asyncio.Event()
         self._local_senders = 0
+        # The providers whose tasks were queued since the worker last looked ("" for any provider).
+        self._task_hints: set[str] = set()
 
     def sender_started(self) -> None:
         self._local_senders += 1
@@ -58,8 +60,15 @@ class Wakeups:
         """Whether a transaction that queues a delivery should NOTIFY other processes."""
         return self.postgres and self._local_senders == 0
 
-    def task_queued(self) -> None:
+    def task_queued(self, provider: str = "") -> None:
+        """Wake the worker: a task of ``provider`` (of any provider when empty) may be claimable."""
+        self._task_hints.add(provider)
         self.tasks.set()
+
+    def take_task_hints(self) -> set[str]:
+        """The providers named by wake-ups since the last call ("" stands for any)."""
+        hints, self._task_hints = self._task_hints, set()
+        return hints
 
     def delivery_queued(self) -> None:
         self.deliveries.set()
@@ -81,7 +90,8 @@ class Listener:
         receivers: Mapping[str, Callable[[str], None]] | None = None,
         retry_seconds: float = 1.0,
     ) -> None:
-        """``channels`` wake without a payload; each of ``receivers`` is handed its channel's payload."""
+        """``channels`` wake without a payload; each of ``receivers`` is handed its channel's payload instead
+        (and ``channels`` wake alone when the connection is made again, as notifications may have been lost)."""
         self._dsn = dsn
         self._channels = {name: list(wakes) for name, wakes in channels.items()}
         self._receivers = dict(receivers or {})
@@ -96,11 +106,12 @@ class Listener:
 
     def _on_notify(self, _conn: Any, _pid: int, channel: str, payload: str) -> None:
         self.received += 1
-        for wake in self._channels.get(channel, ()):
-            wake()
         receiver = self._receivers.get(channel)
         if receiver is not None:
             receiver(payload)
+            return
+        for wake in self._channels.get(channel, ()):
+            wake()
 
     async def run(self) -> None:
         """Listen until cancelled, reconnecting after a lost connection."""
@@ -118,7 +129,7 @@ class Listener:
         )
         try:
             conn.add_termination_listener(lambda _c: lost.set())
-            for channel in [*self._channels, *self._receivers]:
+            for channel in dict.fromkeys([*self._channels, *self._receivers]):
                 await conn.add_listener(channel, self._on_notify)
             self.connected.set()
             # Work queued while no one listened would otherwise wait for the next poll.

@@ -150,6 +150,8 @@ class Services:
                 max_attempts=settings.task_max_attempts,
                 poll_seconds=settings.worker_poll_seconds,
                 wake=wakeups.tasks,
+                claim_interval=settings.claim_interval_seconds,
+                hints=wakeups.take_task_hints,
             ),
             webhooks=WebhookSender.from_settings(
                 storage.outbox,
@@ -180,14 +182,15 @@ class Services:
         """On PostgreSQL, LISTEN for work queued by other processes (polling remains the fallback)."""
         if not self.storage.db.is_postgres:
             return
-        channels = {
+        channels: dict[str, list[Callable[[], None]]] = {
             TASKS_CHANNEL: [self.wakeups.task_queued],
             DELIVERIES_CHANNEL: [self.wakeups.delivery_queued],
         }
         self.listener = Listener(
             asyncpg_dsn(self.settings.database_url),
             channels,
-            receivers={CANCEL_CHANNEL: self._cancel_requested},
+            # A task's NOTIFY names its provider, so only a worker with room for that provider claims.
+            receivers={CANCEL_CHANNEL: self._cancel_requested, TASKS_CHANNEL: self.wakeups.task_queued},
         )
         self.background.append(asyncio.create_task(self.listener.run(), name="textgen-listener"))
 

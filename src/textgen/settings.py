@@ -149,6 +149,13 @@ class Settings(BaseSettings):
     worker_poll_seconds: float = Field(
         1.0, gt=0, description="queue polling interval (woken at once by new tasks in-process or via NOTIFY)"
     )
+    claim_interval_seconds: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="least time between two claims of a task worker or webhook sender; the wake-ups in "
+        "between share one claim (on PostgreSQL every process is woken by every task and delivery queued)",
+    )
     lease_seconds: float = Field(
         30.0, gt=0, description="a running task whose worker stops renewing it for this long is run again"
     )

@@ -129,10 +129,11 @@ class TaskService:
             lease_owner=None if queued else self.lifecycle.worker_id,
             lease_seconds=self.lifecycle.lease_seconds,
             notify=queued and self.wakeups.notify_tasks,
+            provider=admission.spec.provider,
             idempotency_key=idempotency_key,
         )
         if queued:
-            self.wakeups.task_queued()
+            self.wakeups.task_queued(admission.spec.provider)
         return task, admission
 
     async def create(

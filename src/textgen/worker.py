@@ -14,6 +14,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 
 from textgen.capacity import Capacity, Slot
 from textgen.claimloop import ClaimLoop
@@ -44,6 +45,8 @@ class Worker(ClaimLoop[TaskRow]):
         max_attempts: int,
         poll_seconds: float,
         wake: asyncio.Event,
+        claim_interval: float = 0.0,
+        hints: Callable[[], set[str]] | None = None,
     ) -> None:
         """``models``: the models of each provider; ``max_tasks`` optionally caps the queued tasks this
         process runs at once, whatever the providers' room; ``batch`` is the most tasks one claim takes."""
@@ -55,6 +58,7 @@ class Worker(ClaimLoop[TaskRow]):
             poll_seconds=poll_seconds,
             wake=wake,
             log=log,
+            claim_interval=claim_interval,
         )
         self.queue = queue
         self.lifecycle = lifecycle
@@ -65,6 +69,11 @@ class Worker(ClaimLoop[TaskRow]):
         self._known_models = sorted(name for names in models.values() for name in names)
         self._slots: dict[str, Slot] = {}
         self._orphans_at = 0.0
+        # Which providers wake-ups named since the last claim ("" for any), and since when a provider's last
+        # claim found nothing more to take: such a provider is asked again only when a wake-up names it
+        # (or any provider), or once a poll interval has passed.
+        self._hints = hints or (lambda: {""})
+        self._quiet: dict[str, float] = {}
 
     @property
     def concurrency(self) -> int:
@@ -76,19 +85,31 @@ class Worker(ClaimLoop[TaskRow]):
 
     async def claim(self, room: int) -> list[TaskRow]:
         claimed: list[TaskRow] = []
+        drained = True
+        hints = self._hints()
+        now = time.monotonic()
         for provider, names in self.models.items():
+            quiet = self._quiet.get(provider)
+            if quiet is not None and now - quiet < self.poll_seconds and not hints & {"", provider}:
+                continue  # nothing was left last time, and nothing was queued for it since
             want = min(self.capacity_of.room(provider), room - len(claimed), self.batch)
             if want <= 0:
+                drained = False  # no room for this provider: a finished generation makes some
                 continue
             tasks = await self.queue.claim_batch(
                 self.worker_id, self.lifecycle.lease_seconds, limit=want, models=names
             )
+            if len(tasks) < want:
+                self._quiet[provider] = now
+            else:
+                drained = False
+                self._quiet.pop(provider, None)
             for task in tasks:
                 self._slots[task.id] = self.capacity_of.take(provider)
             claimed += tasks
+        self.drained = drained
         # Wake when a sync request or a stream frees a slot of a provider that had none.
         self.capacity_of.wanted = any(self.capacity_of.room(provider) == 0 for provider in self.models)
-        now = time.monotonic()
         if room > len(claimed) and now - self._orphans_at >= self.poll_seconds:
             self._orphans_at = now
             try:

@@ -148,8 +148,16 @@ class WebhookSender(ClaimLoop[DeliveryRow]):
         poll_seconds: float,
         wake: asyncio.Event,
         ssl_context: ssl.SSLContext | None = None,
+        claim_interval: float = 0.0,
     ) -> None:
-        super().__init__(name="webhook", capacity=concurrency, poll_seconds=poll_seconds, wake=wake, log=log)
+        super().__init__(
+            name="webhook",
+            capacity=concurrency,
+            poll_seconds=poll_seconds,
+            wake=wake,
+            log=log,
+            claim_interval=claim_interval,
+        )
         self.outbox = outbox
         self.accounts = accounts
         self.worker_id = worker_id
@@ -192,17 +200,22 @@ class WebhookSender(ClaimLoop[DeliveryRow]):
             concurrency=settings.webhook_concurrency,
             poll_seconds=settings.webhook_poll_seconds,
             wake=wake,
+            claim_interval=settings.claim_interval_seconds,
         )
 
     async def claim(self, room: int) -> list[DeliveryRow]:
         accounts = Counter(account for account, _ in self._busy.values())
         destinations = Counter(where for _, where in self._busy.values())
-        claimed = await self.outbox.claim(
-            self.worker_id,
-            self.lock_seconds,
-            room,
-            choose=lambda offers: self.share.choose(offers, room, accounts, destinations),
-        )
+        counted = {"offers": 0, "taken": 0}
+
+        def choose(offers: list[Offer]) -> list[str]:
+            taken = self.share.choose(offers, room, accounts, destinations)
+            counted.update(offers=len(offers), taken=len(taken))
+            return taken
+
+        claimed = await self.outbox.claim(self.worker_id, self.lock_seconds, room, choose=choose)
+        # Drained: every due delivery offered was taken (none passed over for its share) and room is left.
+        self.drained = counted["offers"] == counted["taken"] == len(claimed) < room
         for delivery in claimed:
             self._busy[delivery.id] = (delivery.account_id, destination(delivery.url))
         return claimed
