@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from tests.pgdb import pg_template, pg_url  # noqa: F401  (fixtures)
 from textgen.errors import InsufficientCredits, NotFound
 from textgen.settings import Settings, load_settings
+from textgen.states import TaskStatus
 from textgen.storage import Storage
 from textgen.storage.migrate import upgrade
 from textgen.storage.rows import AccountRow, Cursor, Outcome, TaskRow
@@ -268,3 +269,68 @@ async def test_concurrent_transactions_share_commits_and_fail_alone(tmp_path: Pa
         (tasks_kept,) = conn.execute("SELECT count(*) FROM tasks").fetchone()
         (reserves,) = conn.execute("SELECT count(*) FROM ledger WHERE kind = 'reserve'").fetchone()
     assert tasks_kept == 10 and reserves == 10
+
+
+async def test_postgres_groups_the_short_writes_of_tasks(pg_url: str) -> None:  # noqa: F811
+    """On PostgreSQL, creating and settling tasks concurrently shares transactions (one COMMIT, and one lock
+    of the account's row, for many), and a refused one in a group changes nothing of the others."""
+    settings = load_settings(database_url=pg_url)
+    store = Storage.open(settings)
+    try:
+        groups = store.db.groups
+        assert groups is not None
+        account = await new_account(store, 10_000)
+        commits, transactions = groups.commits, groups.transactions
+
+        async def attempt(i: int) -> str:
+            try:
+                await new_task(store, account, reserve=1000)
+            except InsufficientCredits:
+                return "refused"
+            return "created"
+
+        results = await asyncio.gather(*(attempt(i) for i in range(30)))
+        assert results.count("created") == 10 and results.count("refused") == 20
+        assert groups.transactions - transactions == 30
+        assert groups.commits - commits < 30
+        tasks_now = (await store.tasks.list(account.id, limit=50))[0]
+        assert len(tasks_now) == 10
+        claimed = await store.tasks.claim_batch("w", 30, limit=10)
+        finished = await asyncio.gather(
+            *(store.tasks.finish(task, "w", Outcome(status=TaskStatus.DONE, cost=100)) for task in claimed)
+        )
+        assert all(task is not None and task.status == "done" for task in finished)
+        assert await assert_reconciled(store, account) == 10 * (1000 - 100)
+    finally:
+        await store.aclose()
+
+
+async def test_a_grouped_write_that_deadlocks_with_another_process_runs_again(pg_url: str) -> None:  # noqa: F811
+    """Two processes' grouped writes lock two accounts in opposite orders: PostgreSQL breaks the deadlock by
+    failing one, which then runs once more on its own, so both callers succeed and both changes count."""
+    settings = load_settings(database_url=pg_url)
+    stores = [Storage.open(settings), Storage.open(settings)]
+    try:
+        first = await new_account(stores[0], 0, "first")
+        second = await new_account(stores[0], 0, "second")
+
+        def move(one: int, other: int) -> Callable[[sa.Connection], None]:
+            def work(conn: sa.Connection) -> None:
+                bump = sa.text("UPDATE accounts SET rate_limit = rate_limit + 1 WHERE id = :id")
+                conn.execute(bump, {"id": one})
+                conn.execute(sa.text("SELECT pg_sleep(0.3)"))
+                conn.execute(bump, {"id": other})
+
+            return work
+
+        await asyncio.gather(
+            stores[0].db.run(move(first.id, second.id), group=True),
+            stores[1].db.run(move(second.id, first.id), group=True),
+        )
+        limits = await stores[0].db.run(
+            lambda conn: dict(conn.execute(sa.text("SELECT id, rate_limit FROM accounts")).all())
+        )
+        assert limits[first.id] == limits[second.id] == 62
+    finally:
+        for store in stores:
+            await store.aclose()

@@ -5,7 +5,8 @@ hop off the event loop, and every statement of the process is serialised through
 transactions that queued up while the thread was busy share one COMMIT (a group commit): each runs inside
 its own SAVEPOINT of one transaction, a failing one is rolled back to its savepoint alone, and no caller
 hears of its result before the COMMIT that made it durable. On PostgreSQL the function runs on the async
-pool through ``AsyncConnection.run_sync``; a connection found dead before COMMIT (the server restarted, a
+pool through ``AsyncConnection.run_sync``, and the short writes of every task are group-committed the same
+way on one connection at a time (``PostgresGroups``); a connection found dead before COMMIT (the server restarted, a
 proxy dropped it) is thrown away and the transaction runs once more on a fresh one, so the pool needs no
 ping per checkout. Driver failures leave as ``StorageUnavailable``, never raw.
 """
@@ -34,12 +35,17 @@ T = TypeVar("T")
 GROUP_COMMIT_MAX = 64
 
 
+# PostgreSQL's "try again" failures: a deadlock between two transactions, or a serialization failure.
+_TRY_AGAIN = {"40P01", "40001"}
+
+
 @dataclass(slots=True)
 class _Job:
     work: Callable[[Connection], Any]
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
     outcome: tuple[bool, Any] | None = None  # (ok, result or exception) once its savepoint is done
+    retried: bool = False  # a group ran it once already and it failed with a "try again" error
 
 
 def _deliver(job: _Job, ok: bool, value: Any) -> None:
@@ -53,6 +59,51 @@ def _deliver(job: _Job, ok: bool, value: Any) -> None:
 
     with contextlib.suppress(RuntimeError):  # its event loop has closed: nobody is waiting
         job.loop.call_soon_threadsafe(settle)
+
+
+def _try_again(exc: BaseException) -> bool:
+    return isinstance(exc, sa_exc.DBAPIError) and getattr(exc.orig, "sqlstate", None) in _TRY_AGAIN
+
+
+def _run_jobs(conn: Connection, group: list[_Job]) -> None:
+    """Run a group's jobs in the transaction ``conn`` is in: alone, plainly (its exception fails the
+    transaction); several, each in its own SAVEPOINT, so that one that fails is rolled back alone."""
+    if len(group) == 1:
+        job = group[0]
+        job.outcome = (True, job.work(conn))
+        return
+    for job in group:
+        try:
+            with conn.begin_nested():
+                job.outcome = (True, job.work(conn))
+        except sa_exc.DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise  # the connection is gone: so is the whole transaction
+            job.outcome = (False, exc)
+        except Exception as exc:
+            job.outcome = (False, exc)
+
+
+def _settle_group(group: list[_Job], failure: BaseException | None) -> list[_Job]:
+    """Tell each job of a group how it went, once its transaction committed (``failure`` None) or failed;
+    returns the jobs to run once more (those that failed only for a deadlock, the first time)."""
+    again: list[_Job] = []
+    for job in group:
+        outcome = job.outcome
+        if outcome is not None and not outcome[0]:
+            if _try_again(outcome[1]) and not job.retried:
+                job.retried, job.outcome = True, None
+                again.append(job)
+            else:
+                _deliver(job, False, outcome[1])
+        elif failure is not None:
+            # The transaction as a whole failed (BEGIN, a savepoint that could not be rolled back, COMMIT):
+            # nothing of it is durable, so every job hears of that, whatever its own part did.
+            _deliver(job, False, failure)
+        else:
+            assert outcome is not None
+            _deliver(job, True, outcome[1])
+    return again
 
 
 class SqliteWriter:
@@ -91,44 +142,15 @@ class SqliteWriter:
         self.engine.dispose()
 
     def _run_group(self, group: list[_Job]) -> None:
-        if len(group) == 1:  # alone: a plain transaction, no savepoint
-            job = group[0]
-            try:
-                with self.engine.begin() as conn:
-                    result = job.work(conn)
-            except BaseException as exc:
-                _deliver(job, False, exc)
-            else:
-                self.commits += 1
-                self.transactions += 1
-                _deliver(job, True, result)
-            return
         try:
             with self.engine.begin() as conn:
-                for job in group:
-                    try:
-                        with conn.begin_nested():
-                            job.outcome = (True, job.work(conn))
-                    except sa_exc.DBAPIError as exc:
-                        if exc.connection_invalidated:
-                            raise  # the connection is gone: so is the whole transaction
-                        job.outcome = (False, exc)
-                    except Exception as exc:
-                        job.outcome = (False, exc)
+                _run_jobs(conn, group)
         except BaseException as exc:
-            # The transaction as a whole failed (BEGIN, a savepoint that could not be rolled back, COMMIT):
-            # nothing of it is durable, so every job hears of that, whatever its own part did.
-            for job in group:
-                if job.outcome is not None and not job.outcome[0]:
-                    _deliver(job, False, job.outcome[1])
-                else:
-                    _deliver(job, False, exc)
+            _settle_group(group, exc)
             return
         self.commits += 1
         self.transactions += len(group)
-        for job in group:
-            assert job.outcome is not None
-            _deliver(job, *job.outcome)
+        _settle_group(group, None)
 
     def close(self) -> None:
         """Run what is queued, then stop the thread and close the connection."""
@@ -138,17 +160,86 @@ class SqliteWriter:
         self._thread.join(timeout=30)
 
 
+class PostgresGroups:
+    """Group commit on PostgreSQL for the short writes every task makes (creating and settling it, recording
+    a webhook attempt): those queued while a group runs go together in the next one, on one connection, each
+    in its own SAVEPOINT, under one COMMIT. An account's row, which all its tasks update, is then locked once
+    per group instead of once per task, and the WAL is flushed once per group. A job that fails only for a
+    deadlock with another process runs once more in the next group."""
+
+    def __init__(self, engine: AsyncEngine, max_group: int = GROUP_COMMIT_MAX) -> None:
+        self.engine = engine
+        self.max_group = max_group
+        self._jobs: deque[_Job] = deque()
+        self._drainer: asyncio.Task[None] | None = None
+        self.commits = 0
+        self.transactions = 0
+
+    def submit(self, work: Callable[[Connection], T]) -> asyncio.Future[T]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._jobs.append(_Job(work, future, loop))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = loop.create_task(self._drain(), name="textgen-group-commit")
+        return future
+
+    async def _drain(self) -> None:
+        while self._jobs:
+            group = [self._jobs.popleft() for _ in range(min(self.max_group, len(self._jobs)))]
+            try:
+                again = await self._run_group(group)
+            except BaseException as exc:  # cancelled (shutdown): whoever waits hears of it
+                _settle_group(group, StorageUnavailable(f"database unavailable: {type(exc).__name__}"))
+                raise
+            self._jobs.extendleft(reversed(again))
+
+    async def _run_group(self, group: list[_Job]) -> list[_Job]:
+        for attempt in (1, 2):
+            committing = False
+            try:
+                async with self.engine.connect() as conn:
+                    await conn.begin()
+                    await conn.run_sync(_run_jobs, group)
+                    committing = True
+                    await conn.commit()
+            except sa_exc.DBAPIError as exc:
+                # A pooled connection found dead before COMMIT: nothing was committed; run the group again.
+                if exc.connection_invalidated and attempt == 1 and not committing:
+                    for job in group:
+                        job.outcome = None
+                    continue
+                if len(group) == 1 and _try_again(exc) and not group[0].retried:
+                    group[0].outcome = (False, exc)  # alone, its deadlock failed the transaction
+                    return _settle_group(group, None)
+                return _settle_group(group, exc)
+            except Exception as exc:
+                return _settle_group(group, exc)
+            self.commits += 1
+            self.transactions += len(group)
+            return _settle_group(group, None)
+        raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        if self._drainer is not None and not self._drainer.done():
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(self._drainer), 30)
+
+
 class Database:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.is_postgres = engine.dialect.name == "postgresql"
         self.sqlite = None if self.is_postgres else SqliteWriter(sqlite_sync_engine(engine))
+        self.groups = PostgresGroups(engine) if self.is_postgres else None
 
-    async def run(self, work: Callable[[Connection], T]) -> T:
-        """Run ``work`` in one transaction."""
+    async def run(self, work: Callable[[Connection], T], *, group: bool = False) -> T:
+        """Run ``work`` in one transaction. On PostgreSQL, ``group`` lets it share its transaction with
+        other short writes (each in its own savepoint); on SQLite every transaction may."""
         try:
             if self.sqlite is not None:
                 return await self.sqlite.submit(work)
+            if group and self.groups is not None:
+                return await self.groups.submit(work)
             return await self._run_postgres(work)
         except (sa_exc.IntegrityError, sa_exc.ProgrammingError):
             raise
@@ -180,6 +271,8 @@ class Database:
         await self.run(lambda conn: conn.execute(sa.text("SELECT 1")))
 
     async def aclose(self) -> None:
+        if self.groups is not None:
+            await self.groups.aclose()
         if self.sqlite is not None:
             await asyncio.to_thread(self.sqlite.close)
         await self.engine.dispose()

@@ -48,8 +48,22 @@ def _first_url(account: str) -> str:
         ORDER BY x.url LIMIT 1)"""
 
 
-_OFFERS = sa.text(
-    f"""
+_PAIR_DUE = """SELECT {columns} FROM webhook_deliveries x
+        WHERE x.status = :pending AND x.account_id = p.account_id AND x.url = p.url
+            AND x.next_attempt_at <= :now AND (x.locked_until IS NULL OR x.locked_until < :now)
+        ORDER BY x.next_attempt_at, x.id LIMIT :offers"""
+# Each pair's first due deliveries: a LATERAL join on PostgreSQL (its planner would otherwise test the IN
+# below against every row of the table); SQLite, which has no LATERAL, runs the IN subquery once per pair.
+_CANDIDATES = {
+    "postgresql": f"""
+    SELECT d.id, d.account_id, d.url, d.next_attempt_at
+    FROM pairs p CROSS JOIN LATERAL ({_PAIR_DUE.format(columns="x.id, x.account_id, x.url, x.next_attempt_at")}) d
+    WHERE p.account_id IS NOT NULL""",
+    "sqlite": f"""
+    SELECT d.id, d.account_id, d.url, d.next_attempt_at
+    FROM pairs p JOIN webhook_deliveries d ON d.id IN ({_PAIR_DUE.format(columns="x.id")})""",
+}
+_OFFERS_SQL = f"""
 WITH RECURSIVE pairs(account_id, url) AS (
     SELECT {_FIRST_ACCOUNT.format(after="")}, CAST({_first_url(_FIRST_ACCOUNT.format(after=""))} AS TEXT)
     UNION ALL
@@ -57,14 +71,7 @@ WITH RECURSIVE pairs(account_id, url) AS (
         CAST(COALESCE({_NEXT_URL}, {_first_url(_NEXT_ACCOUNT)}) AS TEXT)
     FROM pairs p WHERE p.account_id IS NOT NULL
 ),
-candidates AS (
-    SELECT d.id, d.account_id, d.url, d.next_attempt_at
-    FROM pairs p JOIN webhook_deliveries d ON d.id IN (
-        SELECT x.id FROM webhook_deliveries x
-        WHERE x.status = :pending AND x.account_id = p.account_id AND x.url = p.url
-            AND x.next_attempt_at <= :now AND (x.locked_until IS NULL OR x.locked_until < :now)
-        ORDER BY x.next_attempt_at, x.id LIMIT :offers)
-),
+candidates AS ({{candidates}}),
 by_url AS (
     SELECT id, account_id, url, next_attempt_at,
         row_number() OVER (PARTITION BY account_id, url ORDER BY next_attempt_at, id) AS url_turn
@@ -77,9 +84,12 @@ ranked AS (
 )
 SELECT id, account_id, url FROM ranked ORDER BY turn, next_attempt_at, id LIMIT :offers
 """
-).bindparams(
-    sa.bindparam("now", type_=_d.c.next_attempt_at.type), sa.bindparam("pending"), sa.bindparam("offers")
-)
+_OFFERS = {
+    dialect: sa.text(_OFFERS_SQL.replace("{candidates}", candidates)).bindparams(
+        sa.bindparam("now", type_=_d.c.next_attempt_at.type), sa.bindparam("pending"), sa.bindparam("offers")
+    )
+    for dialect, candidates in _CANDIDATES.items()
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,11 +218,14 @@ class Outbox:
         )
         # More offers than room when choosing, as some may be passed over.
         wanted = limit * OFFERS_PER_SLOT if choose is not None else limit
+        offers_query = _OFFERS["postgresql" if self.db.is_postgres else "sqlite"]
         offers_params = {"now": now, "pending": DeliveryStatus.PENDING.value, "offers": wanted}
         lock = _d.update().values(locked_by=worker_id, locked_until=now + dt.timedelta(seconds=lease_seconds))
 
         def work(conn: Connection) -> list[DeliveryRow]:
-            offers = [Offer(r.id, r.account_id, r.url) for r in conn.execute(_OFFERS, offers_params).all()]
+            offers = [
+                Offer(r.id, r.account_id, r.url) for r in conn.execute(offers_query, offers_params).all()
+            ]
             ids = choose(offers)[:limit] if choose is not None else [offer.id for offer in offers]
             if not ids:
                 return []
@@ -263,7 +276,7 @@ class Outbox:
             )
             return bool(result.rowcount)
 
-        return await self.db.run(work)
+        return await self.db.run(work, group=True)
 
     async def release(self, worker_id: str, ids: list[str] | None = None) -> int:
         """Unlock the deliveries ``worker_id`` holds (all, or those in ``ids``) so another sender can retry them

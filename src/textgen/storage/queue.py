@@ -288,7 +288,7 @@ class TaskQueue:
                     raise AccountDisabled("this account is disabled; ask the operator to enable it")
                 raise refused
 
-        await self.db.run(work)
+        await self.db.run(work, group=True)
         return task
 
     async def get(self, task_id: str, account_id: int | None = None) -> TaskRow:
@@ -409,7 +409,7 @@ class TaskQueue:
         """
         params = {"task_id": task.id, "worker_id": worker_id}
         return await self.db.run(
-            lambda conn: self._record(conn, _FINISH, params, task, outcome, notify_delivery)
+            lambda conn: self._record(conn, _FINISH, params, task, outcome, notify_delivery), group=True
         )
 
     async def cancel(
