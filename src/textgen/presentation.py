@@ -6,9 +6,9 @@ One place for presentation, used by the HTTP handlers, the admin API and the CLI
 from __future__ import annotations
 
 import datetime as dt
-import json
 from typing import Any
 
+from textgen import jsoncodec
 from textgen.catalog import from_micro
 from textgen.protocol import RemainingCredits, TextGenResponse
 from textgen.storage.admin import KeyRow
@@ -45,8 +45,8 @@ def task_json(task: TaskRow) -> dict[str, Any]:
 
 
 def encode_json(value: Any) -> bytes:
-    """JSON as the API sends it (what Starlette's JSONResponse writes)."""
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode()
+    """JSON as the API sends it: compact UTF-8 (orjson)."""
+    return jsoncodec.dumps(value)
 
 
 def task_page(results: list[bytes], next_url: str | None, previous_url: str | None) -> bytes:

@@ -13,11 +13,12 @@ import json
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from textgen.admin import AccountAdmin
 from textgen.errors import BadRequest, Unauthorized
+from textgen.http.responses import JSONResponse
 from textgen.presentation import account_view, key_view
 from textgen.settings import Settings
 

@@ -9,10 +9,11 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from textgen import limits, metrics
 from textgen.errors import TextgenError
+from textgen.http.responses import JSONResponse
 
 log = logging.getLogger("textgen.http")
 

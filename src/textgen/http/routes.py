@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 from urllib.parse import urlencode
 
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, Response
 
 from textgen import idempotency, limits
 from textgen.errors import BadRequest, TextgenError
+from textgen.http.responses import JSONResponse
 from textgen.presentation import credits_json, encode_json, task_json, task_page
 from textgen.protocol import ModelInfo, ModelList, TextGenRequest
 from textgen.ratelimit import Quota
@@ -65,7 +65,7 @@ async def create_task(request: Request) -> Response:
         await svc.idempotency.release(claim)  # refused before any task existed: a retry may succeed
         raise
     answer = task_json(task)
-    await svc.idempotency.complete(claim, 201, json.dumps(answer, separators=(",", ":")))
+    await svc.idempotency.complete(claim, 201, encode_json(answer).decode())
     return json_response(answer, 201, quota)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 
 import anyio
@@ -10,7 +9,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import Response
 
-from textgen import idempotency
+from textgen import idempotency, jsoncodec
 from textgen.errors import Conflict, TextgenError
 from textgen.http.routes import authorize, read_body, services
 from textgen.protocol import StreamRequest
@@ -47,9 +46,7 @@ async def stream_task(request: Request) -> Response:
         yield ServerSentEvent(comment=f"task {session.task.id}", sep="\n")
         try:
             async for event in session.events():
-                yield ServerSentEvent(
-                    data=json.dumps(event.data, separators=(",", ":")), event=event.event, sep="\n"
-                )
+                yield ServerSentEvent(data=jsoncodec.dumps(event.data).decode(), event=event.event, sep="\n")
             completed = True
         finally:
             if not completed:
@@ -82,9 +79,7 @@ async def _replay(svc: Services, account: AccountRow, quota: Quota, claim: idemp
     async def body() -> AsyncIterator[ServerSentEvent]:
         yield ServerSentEvent(comment=f"task {task.id}", sep="\n")
         for event in replayed_events(task):
-            yield ServerSentEvent(
-                data=json.dumps(event.data, separators=(",", ":")), event=event.event, sep="\n"
-            )
+            yield ServerSentEvent(data=jsoncodec.dumps(event.data).decode(), event=event.event, sep="\n")
 
     headers = {
         "Cache-Control": "no-cache",

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import functools
 import io
-import json
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -25,6 +24,7 @@ import yarl
 from google import genai
 from google.genai import types
 
+from textgen import jsoncodec
 from textgen.catalog import ModelSpec
 from textgen.errors import TokenUsage, UpstreamError
 from textgen.protocol import GenerationInput
@@ -312,7 +312,7 @@ def _refused(response: dict[str, Any]) -> bool:
 
 
 def _encode(body: dict[str, Any]) -> bytes:
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    return jsoncodec.dumps(body)
 
 
 async def _events(response: aiohttp.ClientResponse) -> AsyncGenerator[dict[str, Any], None]:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from typing import Any
+
+import orjson
 
 from textgen import media
 from textgen.errors import UpstreamError
@@ -73,7 +74,7 @@ def unreadable(what: str, detail: object) -> UpstreamError:
 def api_error(http_status: int, body: bytes, retry_after_header: str | None = None) -> GeminiAPIError:
     """The error of a response with status ``http_status`` and this body (JSON when Gemini sent it)."""
     try:
-        parsed = json.loads(body)
+        parsed = orjson.loads(body)
     except ValueError:
         parsed = None
     if isinstance(parsed, list) and len(parsed) == 1:  # the JSON-array framing of a stream without alt=sse
@@ -104,7 +105,7 @@ def error_from_json(
 def decode_response(body: bytes) -> dict[str, Any]:
     """The JSON object of a ``generateContent`` answer with status 200 (an error body raises it)."""
     try:
-        parsed = json.loads(body)
+        parsed = orjson.loads(body)
     except ValueError as exc:
         raise unreadable("a response", exc) from None
     return _response_object(parsed, "a response")
@@ -179,7 +180,7 @@ class SSEParser:
     def _raise_tail(self) -> None:
         text, self._tail = b"\n".join(self._tail), []
         try:
-            parsed = json.loads(text)
+            parsed = orjson.loads(text)
         except ValueError:
             raise unreadable("a stream", f"unexpected text {_preview(text)}") from None
         _response_object(parsed, "a stream")  # raises the error of an {"error": ...} tail
@@ -203,7 +204,7 @@ class SSEParser:
     def _dispatch(self) -> dict[str, Any]:
         data, self._data = b"\n".join(self._data), []
         try:
-            parsed = json.loads(data)
+            parsed = orjson.loads(data)
         except ValueError as exc:
             raise unreadable("a stream event", exc) from None
         return _response_object(parsed, "a stream event")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from textgen import jsoncodec
 from textgen.catalog import from_micro
 from textgen.storage.rows import TaskRow
 
@@ -22,4 +22,4 @@ def payload_dict(task: TaskRow) -> dict[str, Any]:
 
 def webhook_payload(task: TaskRow) -> str:
     """The exact bytes (as text) that are signed and sent; the same on every attempt."""
-    return json.dumps(payload_dict(task), separators=(",", ":"))
+    return jsoncodec.dumps(payload_dict(task)).decode()
