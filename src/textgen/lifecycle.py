@@ -218,12 +218,15 @@ class Lifecycle:
             )
         return await self.run(task, slot)
 
-    async def run(self, task: TaskRow, slot: Slot | None = None) -> TaskRow | None:
+    async def run(
+        self, task: TaskRow, slot: Slot | None = None, request: GenerationInput | None = None
+    ) -> TaskRow | None:
         """Generate a sync or claimed task, then settle it; None when the lease was lost meanwhile.
 
-        A claimed task comes with the provider ``slot`` the worker took for it."""
+        A claimed task comes with the provider ``slot`` the worker took for it; a sync one with its
+        ``request`` as validated on the way in (a claimed one's is read back from the task)."""
         try:
-            request = generation_input(task)
+            request = request or generation_input(task)
             spec, provider = self.registry.resolve(task.model_name)
         except TextgenError as exc:
             return await self.finish(task, Outcome.failed(exc.message))

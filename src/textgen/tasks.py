@@ -145,12 +145,12 @@ class TaskService:
         if mode == TaskMode.ASYNC:
             return task
         # Shielded: a client that hangs up does not abandon a generation it has been charged for.
-        run = asyncio.ensure_future(self._run_sync(task))
+        run = asyncio.ensure_future(self._run_sync(task, request))
         finished = await asyncio.shield(run)
         return finished or await self.queue.get(task.id)
 
-    async def _run_sync(self, task: TaskRow) -> TaskRow | None:
-        run = asyncio.ensure_future(self.lifecycle.run(task))
+    async def _run_sync(self, task: TaskRow, request: GenerationInput) -> TaskRow | None:
+        run = asyncio.ensure_future(self.lifecycle.run(task, request=request))
         done, _ = await asyncio.wait({run}, timeout=self.sync_timeout)
         if run in done:
             return run.result()
