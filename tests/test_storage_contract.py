@@ -100,8 +100,21 @@ async def test_reserve_then_settle_charges_the_actual_cost(store: Storage) -> No
     assert (await store.accounts.account_by_id(account.id)).balance == 6000
     claimed = await store.tasks.claim("w1", 30)
     assert claimed is not None and claimed.id == task.id and claimed.attempts == 1
-    done = await store.tasks.finish(task, "w1", Outcome(status="done", response_text="ok", cost=1500))
+    done = await store.tasks.finish(
+        claimed,
+        "w1",
+        Outcome(
+            status=TaskStatus.DONE,
+            response_text="ok",
+            function_calls=[{"name": "f", "args": {"x": 1}}],
+            finish_reason="STOP",
+            input_tokens=3,
+            output_tokens=4,
+            cost=1500,
+        ),
+    )
     assert done is not None and done.status == "done" and done.credits_used == 1500
+    assert done == await store.tasks.get(task.id)  # the row returned is the row stored
     assert await assert_reconciled(store, account) == 8500
     assert await ledger_rows(store, task.id) == [("reserve", -4000), ("settle", 2500)]
     async with store.db.engine.connect() as conn:

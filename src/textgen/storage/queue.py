@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import datetime as dt
 import uuid
 from collections.abc import Callable, Sequence
@@ -99,7 +100,8 @@ def _record_statement(condition: sa.ColumnElement[bool]) -> sa.Update:
             lease_expires_at=None,
             updated_at=_b("now"),
         )
-        .returning(*tasks.c)
+        # The rest of the finished row is known already: reading it back would decode its JSON again.
+        .returning(tasks.c.cancel_requested)
     )
 
 
@@ -508,7 +510,21 @@ class TaskQueue:
         ).first()
         if row is None:
             return None
-        finished = task_row(row)
+        finished = dataclasses.replace(
+            task,
+            status=TaskStatus(outcome.status),
+            response_text=outcome.response_text,
+            response_function_calls=outcome.function_calls,
+            failed_reason=outcome.failed_reason,
+            finish_reason=outcome.finish_reason,
+            input_tokens=outcome.input_tokens,
+            output_tokens=outcome.output_tokens,
+            credits_used=settlement.charged,
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=now,
+            cancel_requested=bool(row.cancel_requested),
+        )
         if finished.webhook_url:
             insert_delivery(
                 conn,
