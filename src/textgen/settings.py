@@ -187,7 +187,7 @@ class Settings(BaseSettings):
         86400.0, ge=0, description="after a rotation, the previous signing secret keeps signing this long"
     )
     webhook_jitter: float = Field(0.1, ge=0, lt=1, description="spread of each retry delay, as a fraction")
-    webhook_concurrency: int = Field(16, ge=1, description="webhook attempts in flight per process")
+    webhook_concurrency: int = Field(64, ge=1, description="webhook attempts in flight per process")
     webhook_poll_seconds: float = Field(1.0, gt=0, description="polling for deliveries queued elsewhere")
     webhook_max_redeliveries: int = Field(
         5,
