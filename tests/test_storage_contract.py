@@ -347,3 +347,40 @@ async def test_a_grouped_write_that_deadlocks_with_another_process_runs_again(pg
     finally:
         for store in stores:
             await store.aclose()
+
+
+async def test_a_grouped_write_whose_statement_fails_fails_alone(pg_url: str) -> None:  # noqa: F811
+    """On PostgreSQL a failing statement aborts its group's transaction: the group's jobs run again one by
+    one, so only the failing job hears of its error and every other job's write is committed once."""
+    store = Storage.open(load_settings(database_url=pg_url))
+    try:
+        account = await new_account(store, 0)
+        groups = store.db.groups
+        assert groups is not None
+        bump = sa.text("UPDATE accounts SET rate_limit = rate_limit + 1 WHERE id = :id")
+
+        def good(conn: sa.Connection) -> str:
+            conn.execute(bump, {"id": account.id})
+            return "ok"
+
+        def bad(conn: sa.Connection) -> str:
+            conn.execute(bump, {"id": account.id})
+            conn.execute(sa.text("INSERT INTO accounts (id) VALUES (:id)"), {"id": account.id})  # fails
+            return "unreachable"
+
+        commits = groups.commits
+        results = await asyncio.gather(
+            *(store.db.run(work, group=True) for work in (good, good, bad, good, good)),
+            return_exceptions=True,
+        )
+        assert results[:2] == ["ok", "ok"] and results[3:] == ["ok", "ok"]
+        assert isinstance(results[2], sa.exc.IntegrityError)
+        assert groups.commits - commits == 4  # the group was aborted; the four good jobs committed alone
+        rate = await store.db.run(
+            lambda conn: conn.execute(
+                sa.text("SELECT rate_limit FROM accounts WHERE id = :id"), {"id": account.id}
+            ).scalar_one()
+        )
+        assert rate == 60 + 4
+    finally:
+        await store.aclose()

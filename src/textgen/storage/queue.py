@@ -65,6 +65,30 @@ def _ledger_after(update: sa.Update) -> sa.Insert:
 
 _RESERVE_AND_LEDGER = _ledger_after(_RESERVE)
 _ADD_AND_LEDGER = _ledger_after(_ADD)
+
+
+def _create_statement() -> sa.Insert:
+    """PostgreSQL: a task's creation as one statement: reserve its cost (when the balance covers it), insert
+    the task and the reserve's ledger row; no row (and nothing written) when the reservation is refused."""
+    changed = _RESERVE.cte("changed")
+    columns = list(TaskRow.__dataclass_fields__)
+    # The task's values are "t_"-prefixed: a parameter named like a column of accounts would be SET by the
+    # UPDATE.
+    values = sa.select(*(_b(f"t_{name}", type_=tasks.c[name].type) for name in columns)).select_from(changed)
+    inserted = tasks.insert().from_select(columns, values).returning(tasks.c.id).cte("inserted")
+    ledger_values = sa.select(
+        _b("account_id", type_=ledger.c.account_id.type),
+        inserted.c.id,
+        sa.literal("reserve", ledger.c.kind.type),
+        _b("ledger_amount", type_=ledger.c.amount.type),
+        changed.c.balance,
+        _b("ledger_at", type_=ledger.c.created_at.type),
+    ).select_from(changed.join(inserted, sa.true()))
+    ledger_columns = ["account_id", "task_id", "kind", "amount", "balance_after", "created_at"]
+    return ledger.insert().from_select(ledger_columns, ledger_values).returning(ledger.c.balance_after)
+
+
+_CREATE = _create_statement()
 _TASK_BY_ID = sa.select(tasks).where(tasks.c.id == _b("task_id"))
 _TASK_OF_ACCOUNT = sa.select(tasks).where(tasks.c.id == _b("task_id"), tasks.c.account_id == _b("account_id"))
 _HELD = sa.and_(
@@ -275,20 +299,39 @@ class TaskQueue:
             f"not enough credits: this request may cost up to {from_micro(reserve):g} credits"
         )
 
+        def refuse(conn: Connection) -> None:
+            if conn.execute(ACCOUNT_BY_ID, {"account_id": account_id}).one().disabled:
+                raise AccountDisabled("this account is disabled; ask the operator to enable it")
+            raise refused
+
         def work(conn: Connection) -> None:
-            conn.execute(_INSERT_TASK, task_values(task))
+            if self.db.is_postgres:
+                # One statement, which writes nothing when it refuses: a grouped write raises only before it
+                # writes (see Database.run).
+                values = {f"t_{name}": value for name, value in task_values(task).items()}
+                values.update(account_id=account_id, amount=reserve, ledger_amount=-reserve, ledger_at=now)
+                if conn.execute(_CREATE, values).first() is None:
+                    refuse(conn)
+            else:
+                conn.execute(_INSERT_TASK, task_values(task))
+                # The account's balance last: its row lock is then held the shortest time.
+                charged = self._move_credits(
+                    conn,
+                    account_id,
+                    task.id,
+                    "reserve",
+                    reserve,
+                    -reserve,
+                    now,
+                    _RESERVE,
+                    _RESERVE_AND_LEDGER,
+                )
+                if not charged:
+                    refuse(conn)  # in its own savepoint: the task inserted above is rolled back
             if idempotency_key is not None:
                 attach_task(conn, account_id, idempotency_key, task.id)
             if notify:
                 self.db.notify(conn, TASKS_CHANNEL, provider)
-            # The account's balance last: its row lock is then held the shortest time.
-            charged = self._move_credits(
-                conn, account_id, task.id, "reserve", reserve, -reserve, now, _RESERVE, _RESERVE_AND_LEDGER
-            )
-            if not charged:
-                if conn.execute(ACCOUNT_BY_ID, {"account_id": account_id}).one().disabled:
-                    raise AccountDisabled("this account is disabled; ask the operator to enable it")
-                raise refused
 
         await self.db.run(work, group=True)
         return task
