@@ -14,6 +14,7 @@ from typing import Any
 from tests.conftest import free_socket, make_settings, run_server
 from tests.fakes.providers import FakeProvider
 from tests.pgdb import pg_template, pg_url  # noqa: F401  (fixtures)
+from textgen.settings import Settings
 
 BODY: dict[str, Any] = {"model_name": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -62,11 +63,8 @@ class Proxy:
         await self.start()
 
 
-async def test_database_outage_gives_503_with_retry_after_then_recovers(
-    tmp_path: Path,
-    models_file: Path,
-    pg_url: str,  # noqa: F811
-) -> None:
+async def proxied(tmp_path: Path, models_file: Path, pg_url: str) -> tuple[Proxy, Settings]:  # noqa: F811
+    """A started proxy to PostgreSQL, and settings that reach the test's database through it."""
     proxy = Proxy()
     await proxy.start()
     database = pg_url.rsplit("/", 1)[1]
@@ -76,6 +74,15 @@ async def test_database_outage_gives_503_with_retry_after_then_recovers(
         database_url=f"postgresql+asyncpg://postgres@127.0.0.1:{proxy.port}/{database}",
         worker_poll_seconds=0.1,
     )
+    return proxy, settings
+
+
+async def test_database_outage_gives_503_with_retry_after_then_recovers(
+    tmp_path: Path,
+    models_file: Path,
+    pg_url: str,  # noqa: F811
+) -> None:
+    proxy, settings = await proxied(tmp_path, models_file, pg_url)
     try:
         async with run_server(settings, {"fake": FakeProvider()}) as server:
             account = await server.account()
@@ -124,15 +131,7 @@ async def test_connections_that_died_while_idle_cost_no_request(
 ) -> None:
     """The pool keeps no ping per checkout: a transaction that finds its pooled connection dead before
     COMMIT runs again on a fresh one, so a database restart between two requests is invisible to clients."""
-    proxy = Proxy()
-    await proxy.start()
-    database = pg_url.rsplit("/", 1)[1]
-    settings = make_settings(
-        tmp_path,
-        models_file=models_file,
-        database_url=f"postgresql+asyncpg://postgres@127.0.0.1:{proxy.port}/{database}",
-        worker_poll_seconds=0.1,
-    )
+    proxy, settings = await proxied(tmp_path, models_file, pg_url)
     try:
         async with run_server(settings, {"fake": FakeProvider()}) as server:
             account = await server.account()

@@ -72,6 +72,15 @@ async def ledger_rows(store: Storage, task_id: str) -> list[tuple[str, int]]:
         return [(str(kind), int(amount)) for kind, amount in rows]
 
 
+async def create_or_refuse(store: Storage, account: AccountRow, reserve: int = 1000) -> str:
+    """Create a task reserving ``reserve``: "created", or "refused" for a short balance."""
+    try:
+        await new_task(store, account, reserve=reserve)
+    except InsufficientCredits:
+        return "refused"
+    return "created"
+
+
 async def assert_reconciled(store: Storage, account: AccountRow) -> int:
     summary = await store.accounts.ledger_summary(account.id)
     assert summary.ledger_sum == summary.balance
@@ -254,13 +263,6 @@ async def test_concurrent_transactions_share_commits_and_fail_alone(tmp_path: Pa
         account = await new_account(store, 10_000)
         commits, transactions = writer.commits, writer.transactions
 
-        async def attempt(i: int) -> str:
-            try:
-                await new_task(store, account, reserve=1000)
-            except InsufficientCredits:
-                return "refused"
-            return "created"
-
         def boom(conn: sa.Connection) -> None:
             conn.execute(sa.delete(ledger))  # undone: it raises afterwards
             raise RuntimeError("this transaction fails")
@@ -270,7 +272,9 @@ async def test_concurrent_transactions_share_commits_and_fail_alone(tmp_path: Pa
                 await store.db.run(boom)
             return "failed"
 
-        results = await asyncio.gather(*(attempt(i) for i in range(30)), failing(), failing())
+        results = await asyncio.gather(
+            *(create_or_refuse(store, account) for _ in range(30)), failing(), failing()
+        )
         assert results.count("created") == 10 and results.count("refused") == 20
         assert results.count("failed") == 2
         assert writer.transactions - transactions == 32
@@ -295,14 +299,7 @@ async def test_postgres_groups_the_short_writes_of_tasks(pg_url: str) -> None:  
         account = await new_account(store, 10_000)
         commits, transactions = groups.commits, groups.transactions
 
-        async def attempt(i: int) -> str:
-            try:
-                await new_task(store, account, reserve=1000)
-            except InsufficientCredits:
-                return "refused"
-            return "created"
-
-        results = await asyncio.gather(*(attempt(i) for i in range(30)))
+        results = await asyncio.gather(*(create_or_refuse(store, account) for _ in range(30)))
         assert results.count("created") == 10 and results.count("refused") == 20
         assert groups.transactions - transactions == 30
         assert groups.commits - commits < 30
