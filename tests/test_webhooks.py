@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import ipaddress
 import random
@@ -772,3 +773,40 @@ async def test_refused_ports_can_be_lifted(tmp_path: Path, models_file: Path) ->
             response = await client.post("/sse/text_generator/", json=body("http://93.184.215.14:22/h"))
             assert response.status_code == 402, response.text
             assert (await client.get("/sse/text_generator/")).json()["results"] == []
+
+
+async def test_a_claimed_batch_reads_its_signing_secrets_once(tmp_path: Path, models_file: Path) -> None:
+    """The sender reads the accounts of a claimed batch in one query, not one per delivery, and every
+    delivery is signed with its own account's secret."""
+    receiver = Receiver()
+    async with (
+        serve_receiver(receiver) as hook,
+        run_server(settings_for(tmp_path, models_file), {"fake": FakeProvider()}) as server,
+    ):
+        store = server.services.storage.accounts
+        reads: list[str] = []
+        one, several = store.account_by_id, store.accounts_by_id
+
+        async def account_by_id(account_id: int) -> Any:
+            reads.append("one")
+            return await one(account_id)
+
+        async def accounts_by_id(account_ids: set[int]) -> Any:
+            if account_ids:  # a claim that found nothing reads nothing
+                reads.append("batch")
+            return await several(account_ids)
+
+        store.account_by_id = account_by_id  # type: ignore[method-assign]
+        store.accounts_by_id = accounts_by_id  # type: ignore[method-assign]
+        first, second = await server.account(), await server.account()
+        tasks = [await create(server, account, f"{hook}/h") for account in (first, second) for _ in range(6)]
+        seen = await receiver.wait(len(tasks))
+        secrets = {await secret_of(server, first), await secret_of(server, second)}
+        for each in seen:
+            payload = None
+            for secret in secrets:
+                with contextlib.suppress(WebhookVerificationError):
+                    payload = Webhook(secret).verify(each.body, each.headers)
+            assert payload is not None and payload["id"] in {task["id"] for task in tasks}
+        assert "one" not in reads
+        assert 1 <= reads.count("batch") <= len(tasks)

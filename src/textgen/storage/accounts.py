@@ -86,6 +86,14 @@ class AccountStore:
         row = await self.db.run(lambda conn: conn.execute(ACCOUNT_BY_ID, {"account_id": account_id}).one())
         return account_row(row)
 
+    async def accounts_by_id(self, account_ids: set[int]) -> dict[int, AccountRow]:
+        """Several accounts in one read (those that exist)."""
+        if not account_ids:
+            return {}
+        query = sa.select(accounts).where(accounts.c.id.in_(sorted(account_ids)))
+        rows = await self.db.run(lambda conn: conn.execute(query).all())
+        return {row.id: account_row(row) for row in rows}
+
     async def grant(self, api_id: str, amount: int) -> AccountRow:
         """Add (or, negative, remove) credits; the balance never goes below zero."""
 

@@ -34,7 +34,7 @@ from textgen.states import DeliveryStatus
 from textgen.storage.accounts import AccountStore
 from textgen.storage.outbox import Offer, Outbox
 from textgen.storage.retrying import retrying
-from textgen.storage.rows import AttemptRecord, DeliveryRow, utcnow
+from textgen.storage.rows import AccountRow, AttemptRecord, DeliveryRow, utcnow
 from textgen.webhooks.addresses import AddressPolicy, GuardedBackend, RefusedDestination
 from textgen.webhooks.retry import GiveUp, Retry, RetrySchedule
 
@@ -170,6 +170,7 @@ class WebhookSender(ClaimLoop[DeliveryRow]):
         self.attempts = 0
         self.share = FairShare.of(concurrency)
         self._busy: dict[str, tuple[int, str]] = {}  # in flight: delivery id -> (account, destination)
+        self._signers: dict[str, AccountRow] = {}  # claimed: delivery id -> its account, read with the batch
 
     @property
     def concurrency(self) -> int:
@@ -218,6 +219,15 @@ class WebhookSender(ClaimLoop[DeliveryRow]):
         self.drained = counted["offers"] == counted["taken"] == len(claimed) < room
         for delivery in claimed:
             self._busy[delivery.id] = (delivery.account_id, destination(delivery.url))
+        # The signing secrets of every account in the batch, read once for the batch (read again per attempt
+        # if this fails: the attempt then says why it could not sign).
+        try:
+            signers = await self.accounts.accounts_by_id({delivery.account_id for delivery in claimed})
+        except StorageUnavailable:
+            signers = {}
+        for delivery in claimed:
+            if delivery.account_id in signers:
+                self._signers[delivery.id] = signers[delivery.account_id]
         return claimed
 
     def key(self, item: DeliveryRow) -> str:
@@ -228,6 +238,7 @@ class WebhookSender(ClaimLoop[DeliveryRow]):
             await self._attempt(item)
         finally:
             self._busy.pop(item.id, None)
+            self._signers.pop(item.id, None)
 
     async def give_back(self, keys: list[str]) -> None:
         try:
@@ -250,7 +261,9 @@ class WebhookSender(ClaimLoop[DeliveryRow]):
         attempted_at = utcnow()
         started = time.perf_counter()
         try:
-            account = await self.accounts.account_by_id(delivery.account_id)
+            account = self._signers.pop(delivery.id, None) or await self.accounts.account_by_id(
+                delivery.account_id
+            )
         except StorageUnavailable as exc:
             log.warning("webhook %s: cannot read the signing secret (%s); will retry", delivery.id, exc)
             return  # the lock expires and the delivery is claimed again
