@@ -5,8 +5,8 @@ hop off the event loop, and every statement of the process is serialised through
 transactions that queued up while the thread was busy share one COMMIT (a group commit): each runs inside
 its own SAVEPOINT of one transaction, a failing one is rolled back to its savepoint alone, and no caller
 hears of its result before the COMMIT that made it durable. On PostgreSQL the function runs on the async
-pool through ``AsyncConnection.run_sync``, and the short writes of every task are group-committed the same
-way on one connection at a time (``PostgresGroups``); a connection found dead before COMMIT (the server restarted, a
+pool through ``AsyncConnection.run_sync``, and the short writes of every task are group-committed too, one
+group at a time on one connection and without savepoints (``PostgresGroups``); a connection found dead before COMMIT (the server restarted, a
 proxy dropped it) is thrown away and the transaction runs once more on a fresh one, so the pool needs no
 ping per checkout. Driver failures leave as ``StorageUnavailable``, never raw.
 """
@@ -33,10 +33,6 @@ T = TypeVar("T")
 
 # At most this many transactions share one COMMIT (a bound on how long the first of them waits).
 GROUP_COMMIT_MAX = 64
-# On PostgreSQL, how many groups run at once per process, each on its own pooled connection. One: groups
-# running side by side contend for the same account rows (measured with 4: fewer tasks/s and a later first
-# stream chunk than with 1).
-GROUPS_IN_FLIGHT = 1
 
 
 # PostgreSQL's "try again" failures: a deadlock between two transactions, or a serialization failure.
@@ -186,14 +182,13 @@ class PostgresGroups:
     that fails aborts the group, whose jobs then run again one by one. A job that fails alone only for a
     deadlock with another process runs once more."""
 
-    def __init__(
-        self, engine: AsyncEngine, max_group: int = GROUP_COMMIT_MAX, max_groups: int = GROUPS_IN_FLIGHT
-    ) -> None:
+    def __init__(self, engine: AsyncEngine, max_group: int = GROUP_COMMIT_MAX) -> None:
         self.engine = engine
         self.max_group = max_group
-        self.max_groups = max_groups  # groups in flight at once, each on its own connection
         self._jobs: deque[_Job] = deque()
-        self._drainers: set[asyncio.Task[None]] = set()
+        # One group at a time per process: groups side by side contend for the same account rows (measured
+        # with 4 at once: fewer tasks/s and a later first stream chunk than with 1).
+        self._drainer: asyncio.Task[None] | None = None
         self.commits = 0
         self.transactions = 0
 
@@ -201,12 +196,8 @@ class PostgresGroups:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._jobs.append(_Job(work, future, loop))
-        # A job finds a connection at once while fewer than max_groups are busy; past that, jobs queue up
-        # and the next group to start takes them all.
-        if len(self._drainers) < self.max_groups:
-            drainer = loop.create_task(self._drain(), name="textgen-group-commit")
-            self._drainers.add(drainer)
-            drainer.add_done_callback(self._drainers.discard)
+        if self._drainer is None or self._drainer.done():
+            self._drainer = loop.create_task(self._drain(), name="textgen-group-commit")
         return future
 
     async def _drain(self) -> None:
@@ -214,8 +205,12 @@ class PostgresGroups:
             group = [self._jobs.popleft() for _ in range(min(self.max_group, len(self._jobs)))]
             try:
                 again = await self._run_group(group)
-            except BaseException as exc:  # cancelled (shutdown): whoever waits hears of it
-                _settle_group(group, StorageUnavailable(f"database unavailable: {type(exc).__name__}"))
+            except BaseException as exc:  # cancelled (shutdown): whoever waits, in the group or queued, hears
+                waiting = [*group, *self._jobs]
+                self._jobs.clear()
+                for job in waiting:
+                    job.retried = True  # no later group will run it
+                _settle_group(waiting, StorageUnavailable(f"database unavailable: {type(exc).__name__}"))
                 raise
             self._jobs.extendleft(reversed(again))
 
@@ -253,9 +248,8 @@ class PostgresGroups:
         raise AssertionError("unreachable")
 
     async def aclose(self) -> None:
-        if self._drainers:
-            with contextlib.suppress(BaseException):
-                await asyncio.wait(list(self._drainers), timeout=30)
+        if self._drainer is not None and not self._drainer.done():
+            await asyncio.wait([self._drainer], timeout=30)
 
 
 class Database:

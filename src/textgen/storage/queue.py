@@ -7,7 +7,7 @@ import dataclasses
 import datetime as dt
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -46,25 +46,32 @@ _ADD = (
 _INSERT_TASK = tasks.insert()
 
 
-def _ledger_after(update: sa.Update) -> sa.Insert:
-    """PostgreSQL: ``update`` (of one account's balance, returning it) and its ledger row as one statement, so
-    that the account's row lock (every task of the account contends for it) is taken by the transaction's
-    last statement and held only until COMMIT. No row when the update matched nothing."""
-    changed = update.cte("changed")
+_LEDGER_COLUMNS = ["account_id", "task_id", "kind", "amount", "balance_after", "created_at"]
+
+
+def _with_ledger_row(
+    changed: sa.CTE, task_id: sa.ColumnElement[Any], kind: sa.ColumnElement[Any], source: sa.FromClause
+) -> sa.Insert:
+    """PostgreSQL: a balance change (``changed``, the CTE of an UPDATE of one account returning its balance)
+    and its ledger row as one statement, so that the account's row lock (every task of the account contends
+    for it) is taken by the transaction's last statement and held only until COMMIT. No row when the update
+    matched nothing."""
     values = sa.select(
         _b("account_id", type_=ledger.c.account_id.type),
-        _b("task_id", type_=ledger.c.task_id.type),
-        _b("kind", type_=ledger.c.kind.type),
+        task_id,
+        kind,
         _b("ledger_amount", type_=ledger.c.amount.type),
         changed.c.balance,
         _b("ledger_at", type_=ledger.c.created_at.type),  # not "created_at": the UPDATE would set that column
-    )
-    columns = ["account_id", "task_id", "kind", "amount", "balance_after", "created_at"]
-    return ledger.insert().from_select(columns, values).returning(ledger.c.balance_after)
+    ).select_from(source)
+    return ledger.insert().from_select(_LEDGER_COLUMNS, values).returning(ledger.c.balance_after)
 
 
-_RESERVE_AND_LEDGER = _ledger_after(_RESERVE)
-_ADD_AND_LEDGER = _ledger_after(_ADD)
+def _settle_statement() -> sa.Insert:
+    """PostgreSQL: give back the unused part of a reservation and write its ledger row."""
+    changed = _ADD.cte("changed")
+    task_id = _b("task_id", type_=ledger.c.task_id.type)
+    return _with_ledger_row(changed, task_id, _b("kind", type_=ledger.c.kind.type), changed)
 
 
 def _create_statement() -> sa.Insert:
@@ -76,18 +83,34 @@ def _create_statement() -> sa.Insert:
     # UPDATE.
     values = sa.select(*(_b(f"t_{name}", type_=tasks.c[name].type) for name in columns)).select_from(changed)
     inserted = tasks.insert().from_select(columns, values).returning(tasks.c.id).cte("inserted")
-    ledger_values = sa.select(
-        _b("account_id", type_=ledger.c.account_id.type),
-        inserted.c.id,
-        sa.literal("reserve", ledger.c.kind.type),
-        _b("ledger_amount", type_=ledger.c.amount.type),
-        changed.c.balance,
-        _b("ledger_at", type_=ledger.c.created_at.type),
-    ).select_from(changed.join(inserted, sa.true()))
-    ledger_columns = ["account_id", "task_id", "kind", "amount", "balance_after", "created_at"]
-    return ledger.insert().from_select(ledger_columns, ledger_values).returning(ledger.c.balance_after)
+    kind = sa.literal("reserve", ledger.c.kind.type)
+    return _with_ledger_row(changed, inserted.c.id, kind, changed.join(inserted, sa.true()))
 
 
+def _insert_ledger_row(
+    conn: Connection,
+    account_id: int,
+    task_id: str,
+    kind: str,
+    amount: int,
+    balance_after: int,
+    now: dt.datetime,
+) -> None:
+    """SQLite: the ledger row of a balance change just made in this transaction."""
+    conn.execute(
+        INSERT_LEDGER,
+        {
+            "account_id": account_id,
+            "task_id": task_id,
+            "kind": kind,
+            "amount": amount,
+            "balance_after": balance_after,
+            "created_at": now,
+        },
+    )
+
+
+_SETTLE = _settle_statement()
 _CREATE = _create_statement()
 _TASK_BY_ID = sa.select(tasks).where(tasks.c.id == _b("task_id"))
 _TASK_OF_ACCOUNT = sa.select(tasks).where(tasks.c.id == _b("task_id"), tasks.c.account_id == _b("account_id"))
@@ -295,14 +318,12 @@ class TaskQueue:
             updated_at=now,
         )
 
-        refused = InsufficientCredits(
-            f"not enough credits: this request may cost up to {from_micro(reserve):g} credits"
-        )
-
-        def refuse(conn: Connection) -> None:
+        def refuse(conn: Connection) -> NoReturn:
             if conn.execute(ACCOUNT_BY_ID, {"account_id": account_id}).one().disabled:
                 raise AccountDisabled("this account is disabled; ask the operator to enable it")
-            raise refused
+            raise InsufficientCredits(
+                f"not enough credits: this request may cost up to {from_micro(reserve):g} credits"
+            )
 
         def work(conn: Connection) -> None:
             if self.db.is_postgres:
@@ -314,20 +335,10 @@ class TaskQueue:
                     refuse(conn)
             else:
                 conn.execute(_INSERT_TASK, task_values(task))
-                # The account's balance last: its row lock is then held the shortest time.
-                charged = self._move_credits(
-                    conn,
-                    account_id,
-                    task.id,
-                    "reserve",
-                    reserve,
-                    -reserve,
-                    now,
-                    _RESERVE,
-                    _RESERVE_AND_LEDGER,
-                )
-                if not charged:
+                balance_after = conn.execute(_RESERVE, {"account_id": account_id, "amount": reserve}).scalar()
+                if balance_after is None:
                     refuse(conn)  # in its own savepoint: the task inserted above is rolled back
+                _insert_ledger_row(conn, account_id, task.id, "reserve", -reserve, balance_after, now)
             if idempotency_key is not None:
                 attach_task(conn, account_id, idempotency_key, task.id)
             if notify:
@@ -484,45 +495,22 @@ class TaskQueue:
 
         return await self.db.run(work)
 
-    def _move_credits(
-        self,
-        conn: Connection,
-        account_id: int,
-        task_id: str,
-        kind: str,
-        amount: int,
-        ledger_amount: int,
-        now: dt.datetime,
-        update: sa.Update,
-        update_and_ledger: sa.Insert,
-    ) -> bool:
-        """Change an account's balance by ``update`` (with ``amount``) and write its ledger row; False when
-        ``update`` matched nothing (then nothing changed)."""
+    def _give_back(self, conn: Connection, task: TaskRow, kind: str, amount: int, now: dt.datetime) -> None:
+        """Return ``amount`` of the task's reservation to its account and write the ledger row: the last
+        statement of the transaction, so the account's row lock is held the shortest time."""
         if self.db.is_postgres:
             values = {
-                "account_id": account_id,
-                "task_id": task_id,
+                "account_id": task.account_id,
+                "task_id": task.id,
                 "kind": kind,
                 "amount": amount,
-                "ledger_amount": ledger_amount,
+                "ledger_amount": amount,
                 "ledger_at": now,
             }
-            return conn.execute(update_and_ledger, values).first() is not None
-        balance_after = conn.execute(update, {"account_id": account_id, "amount": amount}).scalar()
-        if balance_after is None:
-            return False
-        conn.execute(
-            INSERT_LEDGER,
-            {
-                "account_id": account_id,
-                "task_id": task_id,
-                "kind": kind,
-                "amount": ledger_amount,
-                "balance_after": balance_after,
-                "created_at": now,
-            },
-        )
-        return True
+            conn.execute(_SETTLE, values).one()
+            return
+        balance_after = conn.execute(_ADD, {"account_id": task.account_id, "amount": amount}).scalar_one()
+        _insert_ledger_row(conn, task.account_id, task.id, kind, amount, balance_after, now)
 
     def _record(
         self,
@@ -581,11 +569,7 @@ class TaskQueue:
                 self.db.notify(conn, DELIVERIES_CHANNEL)
         # "release": nothing was charged (a failure that used nothing); "settle": a charge.
         kind = "settle" if outcome.status == TaskStatus.DONE or settlement.charged else "release"
-        returned = settlement.returned
-        moved = self._move_credits(
-            conn, task.account_id, task.id, kind, returned, returned, now, _ADD, _ADD_AND_LEDGER
-        )
-        assert moved, "the account of a task exists"
+        self._give_back(conn, task, kind, settlement.returned, now)
         return finished
 
     async def counts(self) -> dict[str, int]:
