@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from tests.test_gemini import PNG_1X1, b64, fake_gemini, gemini_settings, mp4
 from textgen.catalog import ModelSpec, load_catalog
 from textgen.errors import BadRequest, UpstreamError
 from textgen.protocol import GenerationInput
+from textgen.providers import ProviderRegistry, gemini
 from textgen.providers import gemini_mapping as mapping
 from textgen.providers.base import StreamChunk
 from textgen.providers.gemini import GeminiProvider
@@ -274,6 +276,46 @@ def test_check_refuses_a_bad_thought_signature(tmp_path: Path) -> None:
     )
     with pytest.raises(BadRequest, match=r"messages\[1\].function_call.thought_signature"):
         provider.check(SPEC, req)
+
+
+async def test_the_check_runs_on_the_event_loop_unless_it_must_decode_long_signatures(tmp_path: Path) -> None:
+    """Gemini's check is a lookup per part: it skips the hop to a check thread, except for a request that
+    sends back more thought signature than the light limit (decoding it is linear, but not microseconds)."""
+    provider = GeminiProvider(gemini_settings(tmp_path, None))
+    registry = ProviderRegistry({SPEC.name: SPEC}, {SPEC.provider: provider})
+    threads: list[str] = []
+    real_check = provider.check
+
+    def check(spec: ModelSpec, req: GenerationInput) -> None:
+        threads.append(threading.current_thread().name)
+        real_check(spec, req)
+
+    provider.check = check  # type: ignore[method-assign]
+    provider.available = lambda: True  # type: ignore[method-assign]
+
+    def with_signature(size: int) -> GenerationInput:
+        signature = base64.b64encode(bytes(size * 3 // 4)).decode()
+        return request(
+            messages=[
+                {"role": "user", "content": "x"},
+                {"role": "model", "function_call": {"name": "f", "args": {}, "thought_signature": signature}},
+                {"role": "user", "function_response": {"name": "f", "response": {}}},
+            ]
+        )
+
+    try:
+        await registry.admit(request())
+        await registry.admit(with_signature(gemini.LIGHT_CHECK_SIGNATURE_BYTES))
+        await registry.admit(with_signature(gemini.LIGHT_CHECK_SIGNATURE_BYTES + 4))
+        with pytest.raises(BadRequest, match="thought_signature"):  # refused the same way on either path
+            bad = with_signature(gemini.LIGHT_CHECK_SIGNATURE_BYTES + 4)
+            bad.messages[1].function_call.thought_signature = "!" * (gemini.LIGHT_CHECK_SIGNATURE_BYTES + 4)  # type: ignore[union-attr]
+            await registry.admit(bad)
+    finally:
+        await registry.aclose()
+    main = threading.current_thread().name
+    assert threads[:2] == [main, main]
+    assert threads[2].startswith("textgen-check") and threads[3].startswith("textgen-check")
 
 
 def test_input_estimate_counts_media_and_bounds_the_text(tmp_path: Path) -> None:

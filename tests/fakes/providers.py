@@ -52,6 +52,9 @@ class FakeProvider:
     def check(self, spec: ModelSpec, request: GenerationInput) -> None:
         return None
 
+    def light_check(self, request: GenerationInput) -> bool:
+        return False
+
     def count_input_tokens(self, spec: ModelSpec, request: GenerationInput) -> int:
         return estimate_prompt_tokens(request)
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 
 from starlette.datastructures import MutableHeaders
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from textgen import metrics
+from textgen import ids, metrics
 from textgen.errors import PayloadTooLarge, ServiceUnavailable
 from textgen.http.errors import error_response
 from textgen.timing import RequestTiming, current_timing
@@ -38,7 +37,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = uuid.uuid4().hex[:16]
+        request_id = ids.random_hex(8)
         scope.setdefault("state", {})["request_id"] = request_id
         timing = RequestTiming()
         token = current_timing.set(timing)

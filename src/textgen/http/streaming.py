@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import anyio
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -16,9 +16,20 @@ from textgen.protocol import StreamRequest
 from textgen.ratelimit import Quota
 from textgen.services import Services
 from textgen.storage.rows import AccountRow
-from textgen.streaming import replayed_events
+from textgen.streaming import StreamEvent, replayed_events
 
 TASK_ID_HEADER = "X-Textgen-Task-Id"
+
+
+def _encode(event: StreamEvent) -> bytes:
+    """One event as it goes on the wire. Built here rather than as a ``ServerSentEvent``, which scans its
+    data for line breaks: compact JSON has none (a line break inside a string is escaped)."""
+    data = b"data: " + jsoncodec.dumps(event.data) + b"\n\n"
+    return data if event.event is None else b"event: " + event.event.encode() + b"\n" + data
+
+
+def _comment(text: str) -> bytes:
+    return b": " + text.encode() + b"\n\n"
 
 
 async def stream_task(request: Request) -> Response:
@@ -40,13 +51,13 @@ async def stream_task(request: Request) -> Response:
             raise
         await svc.idempotency.complete(claim, 200, "")  # replayed from the task, once it has finished
 
-    async def body() -> AsyncIterator[ServerSentEvent]:
+    async def body() -> AsyncIterator[bytes]:
         completed = False
         # The task id from the first byte (a comment, which Gemini-native clients ignore) and in a header.
-        yield ServerSentEvent(comment=f"task {session.task.id}", sep="\n")
+        yield _comment(f"task {session.task.id}")
         try:
             async for event in session.events():
-                yield ServerSentEvent(data=jsoncodec.dumps(event.data).decode(), event=event.event, sep="\n")
+                yield _encode(event)
             completed = True
         finally:
             if not completed:
@@ -76,10 +87,10 @@ async def _replay(svc: Services, account: AccountRow, quota: Quota, claim: idemp
     if not task.status.finished:
         raise Conflict(f"Idempotency-Key: its stream (task {task.id}) is still running; retry once it ends")
 
-    async def body() -> AsyncIterator[ServerSentEvent]:
-        yield ServerSentEvent(comment=f"task {task.id}", sep="\n")
+    async def body() -> AsyncIterator[bytes]:
+        yield _comment(f"task {task.id}")
         for event in replayed_events(task):
-            yield ServerSentEvent(data=jsoncodec.dumps(event.data).decode(), event=event.event, sep="\n")
+            yield _encode(event)
 
     headers = {
         "Cache-Control": "no-cache",

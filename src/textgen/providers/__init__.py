@@ -53,7 +53,10 @@ class ProviderRegistry:
                 f"for model {spec.name!r}"
             )
         # A defect in a check (say a RecursionError) is not a refusal: TaskService.admit logs it as a 503.
-        await asyncio.get_running_loop().run_in_executor(self._checks, provider.check, spec, request)
+        if provider.light_check(request):
+            provider.check(spec, request)
+        else:
+            await asyncio.get_running_loop().run_in_executor(self._checks, provider.check, spec, request)
         return spec, provider
 
     async def aclose(self) -> None:

@@ -94,7 +94,13 @@ class Provider(Protocol):
     def check(self, spec: ModelSpec, request: GenerationInput) -> None:
         """Raise BadRequest for what this provider cannot honour, before any work starts.
 
-        Runs on a worker thread, so it may be CPU-bound (the local model builds its grammars here)."""
+        Runs on a worker thread unless ``light_check`` says it is cheap, so it may be CPU-bound (the local
+        model builds its grammars here)."""
+        ...
+
+    def light_check(self, request: GenerationInput) -> bool:
+        """Whether ``check`` of this request is cheap enough to run on the event loop (well under a
+        millisecond at the request limits), saving the hop to a worker thread."""
         ...
 
     def count_input_tokens(self, spec: ModelSpec, request: GenerationInput) -> int:

@@ -79,6 +79,15 @@ def check_request(request: GenerationInput) -> None:
                 ) from exc
 
 
+def signature_bytes(request: GenerationInput) -> int:
+    """The length of the thought signatures a request sends back (what ``check_request`` decodes)."""
+    return sum(
+        len(message.function_call.thought_signature)
+        for message in request.messages
+        if message.function_call is not None and message.function_call.thought_signature is not None
+    )
+
+
 def media_positions(request: GenerationInput) -> list[tuple[int, int, ImagePart | VideoPart]]:
     return [
         (i, j, part)

@@ -346,6 +346,9 @@ class LocalProvider:
                 if problem is not None:
                     raise BadRequest(f"config.response_json_schema / tools: {problem}")
 
+    def light_check(self, request: GenerationInput) -> bool:
+        return False  # grammars and the tool choice are built on a worker thread, within their budget
+
     def count_input_tokens(self, spec: ModelSpec, request: GenerationInput) -> int:
         estimate = estimate_prompt_tokens(request)
         # The function-calling instructions added to the system prompt, and the passes choosing a call.

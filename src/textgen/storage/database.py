@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -48,17 +49,32 @@ class _Job:
     retried: bool = False  # a group ran it once already and it failed with a "try again" error
 
 
-def _deliver(job: _Job, ok: bool, value: Any) -> None:
-    def settle() -> None:
+def _deliver(answers: list[tuple[_Job, bool, Any]]) -> None:
+    """Hand each job its result: at once on its own event loop's thread (PostgreSQL), else with one wake-up
+    of each loop for the whole group (SQLite's thread), not one per job."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, bool, Any]]] = {}
+    for answer in answers:
+        by_loop.setdefault(answer[0].loop, []).append(answer)
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    for loop, batch in by_loop.items():
+        if loop is running:
+            _settle_futures(batch)
+        else:
+            with contextlib.suppress(RuntimeError):  # its event loop has closed: nobody is waiting
+                loop.call_soon_threadsafe(_settle_futures, batch)
+
+
+def _settle_futures(batch: list[tuple[_Job, bool, Any]]) -> None:
+    for job, ok, value in batch:
         if job.future.done():  # its caller stopped waiting (cancelled); the work ran all the same
-            return
+            continue
         if ok:
             job.future.set_result(value)
         else:
             job.future.set_exception(value)
-
-    with contextlib.suppress(RuntimeError):  # its event loop has closed: nobody is waiting
-        job.loop.call_soon_threadsafe(settle)
 
 
 def _try_again(exc: BaseException) -> bool:
@@ -72,16 +88,22 @@ def _run_jobs(conn: Connection, group: list[_Job]) -> None:
         job = group[0]
         job.outcome = (True, job.work(conn))
         return
+    # The savepoints go to the driver directly: SQLAlchemy's compile a new statement for each one.
+    driver = conn.connection.driver_connection
+    assert driver is not None
     for job in group:
+        driver.execute("SAVEPOINT job")
         try:
-            with conn.begin_nested():
-                job.outcome = (True, job.work(conn))
+            job.outcome = (True, job.work(conn))
         except sa_exc.DBAPIError as exc:
             if exc.connection_invalidated:
                 raise  # the connection is gone: so is the whole transaction
             job.outcome = (False, exc)
+            driver.execute("ROLLBACK TO job")
         except Exception as exc:
             job.outcome = (False, exc)
+            driver.execute("ROLLBACK TO job")
+        driver.execute("RELEASE job")
 
 
 def _run_writes(conn: Connection, group: list[_Job]) -> None:
@@ -101,6 +123,7 @@ def _settle_group(group: list[_Job], failure: BaseException | None) -> list[_Job
     """Tell each job of a group how it went, once its transaction committed (``failure`` None) or failed;
     returns the jobs to run once more (those that failed only for a deadlock, the first time)."""
     again: list[_Job] = []
+    answers: list[tuple[_Job, bool, Any]] = []
     for job in group:
         outcome = job.outcome
         if outcome is not None and not outcome[0]:
@@ -108,14 +131,15 @@ def _settle_group(group: list[_Job], failure: BaseException | None) -> list[_Job
                 job.retried, job.outcome = True, None
                 again.append(job)
             else:
-                _deliver(job, False, outcome[1])
+                answers.append((job, False, outcome[1]))
         elif failure is not None:
             # The transaction as a whole failed (BEGIN, a savepoint that could not be rolled back, COMMIT):
             # nothing of it is durable, so every job hears of that, whatever its own part did.
-            _deliver(job, False, failure)
+            answers.append((job, False, failure))
         else:
             assert outcome is not None
-            _deliver(job, True, outcome[1])
+            answers.append((job, True, outcome[1]))
+    _deliver(answers)
     return again
 
 
@@ -130,6 +154,7 @@ class SqliteWriter:
         self._closed = False
         self.commits = 0  # COMMITs issued, and transactions committed by them (for tests and metrics)
         self.transactions = 0
+        self._conn: Connection | None = None  # the writer's one connection, kept open between groups
         self._thread = threading.Thread(target=self._loop, name="textgen-sqlite", daemon=True)
         self._thread.start()
 
@@ -152,12 +177,26 @@ class SqliteWriter:
                     break
                 group = [self._jobs.popleft() for _ in range(min(self.max_group, len(self._jobs)))]
             self._run_group(group)
+        if self._conn is not None:
+            self._conn.close()
         self.engine.dispose()
+
+    def _connection(self) -> Connection:
+        if self._conn is None:
+            self._conn = self.engine.connect()
+        return self._conn
 
     def _run_group(self, group: list[_Job]) -> None:
         try:
-            with self.engine.begin() as conn:
-                _run_jobs(conn, group)
+            conn = self._connection()
+            try:
+                with conn.begin():
+                    _run_jobs(conn, group)
+            except BaseException:
+                if conn.invalidated:  # a new connection for the next group
+                    self._conn = None
+                    conn.close()
+                raise
         except BaseException as exc:
             _settle_group(group, exc)
             return
@@ -271,7 +310,7 @@ class Database:
             return await self._run_postgres(work)
         except (sa_exc.IntegrityError, sa_exc.ProgrammingError):
             raise
-        except (sa_exc.DBAPIError, sa_exc.TimeoutError, OSError, TimeoutError) as exc:
+        except (sa_exc.DBAPIError, sa_exc.TimeoutError, sqlite3.Error, OSError, TimeoutError) as exc:
             raise StorageUnavailable(f"database unavailable: {type(exc).__name__}") from exc
 
     async def _run_postgres(self, work: Callable[[Connection], T]) -> T:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,11 @@ def _sqlite_session_setup(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        driver = conn.connection.driver_connection
+        if isinstance(driver, sqlite3.Connection):
+            driver.execute("BEGIN IMMEDIATE")  # the writer thread's connection: straight to the driver
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def sqlite_sync_engine(engine: AsyncEngine) -> Engine:

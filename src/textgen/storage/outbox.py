@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from textgen import ids
 from textgen.notify import DELIVERIES_CHANNEL
 from textgen.states import DeliveryStatus
 from textgen.storage.database import Database
@@ -102,7 +102,7 @@ class Offer:
 
 
 def new_delivery_id() -> str:
-    return f"msg_{uuid.uuid4().hex}"
+    return f"msg_{ids.random_hex(16)}"
 
 
 def insert_delivery(

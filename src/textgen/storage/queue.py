@@ -5,13 +5,13 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import datetime as dt
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from textgen import ids
 from textgen.catalog import from_micro
 from textgen.credits import settle
 from textgen.errors import AccountDisabled, InsufficientCredits, NotFound
@@ -296,7 +296,7 @@ class TaskQueue:
         now = utcnow()
         running = lease_owner is not None
         task = TaskRow(
-            id=str(uuid.uuid4()),
+            id=str(ids.random_uuid()),
             account_id=account_id,
             model_name=model_name,
             mode=mode,
