@@ -80,6 +80,27 @@ async def test_mid_stream_upstream_error_is_an_error_event_charged_for_what_was_
         assert remaining == pytest.approx(100 - task["credits_used"])
 
 
+async def test_a_stream_that_stalls_mid_way_fails_after_the_read_timeout(tmp_path: Path) -> None:
+    """After the first chunk the read deadline is the shared sweeper's, not aiohttp's per-read timer: an
+    upstream that goes silent still ends the stream, as a timeout, charged for what was relayed."""
+    async with (
+        fake_gemini(chunks=6) as (fake, url),
+        gemini_service(tmp_path, url, gemini_timeout_seconds=0.5) as server,
+    ):
+        account = await server.account(credits=100)
+        fake.add_fault(Fault(stall_after_chunks=2))
+        events = await events_of(server, account, GUIDE)
+        kinds = [kind for kind, _ in events]
+        assert kinds == ["message", "message", "error"]
+        error = events[-1][1]
+        assert error["error"]["message"].startswith("Gemini did not answer in time")
+        await asyncio.wait_for(fake.abandoned.wait(), 10)  # closed by the deadline, not after the fake's stall
+        assert fake.streams_abandoned == 1 and fake.streams_completed == 0
+        task = await server.wait_for(account, error["creatify"]["id"])
+        assert task["status"] == "failed" and task["output_tokens"] > 0
+        assert task["credits_used"] == error["creatify"]["credits_used"] > 0
+
+
 async def test_client_disconnect_closes_the_gemini_stream(tmp_path: Path) -> None:
     async with (
         fake_gemini(chunks=64, chunk_delay=0.05) as (fake, url),

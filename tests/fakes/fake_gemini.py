@@ -275,6 +275,7 @@ class Fault:
     error_after_chunks: int | None = None
     error_status: int = 500  # the code of that error
     drop_after_chunks: int | None = None  # streaming: send this many chunks, then cut the connection
+    stall_after_chunks: int | None = None  # streaming: send this many chunks, then nothing (for a minute)
     garbage: bytes | None = None  # answer 200 with this body (not JSON) instead of a response
     replay: Replay | None = None  # answer with these recorded bytes instead
 
@@ -602,6 +603,8 @@ class FakeGemini:
                     return
                 if fault.drop_after_chunks is not None and index == fault.drop_after_chunks:
                     raise ConnectionResetError("fake dropped the stream")
+                if fault.stall_after_chunks is not None and index == fault.stall_after_chunks:
+                    await asyncio.sleep(60)
                 if index and self.chunk_delay:
                     await asyncio.sleep(self.chunk_delay)
                 yield sse_event(chunk)

@@ -42,6 +42,49 @@ DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
 LIGHT_CHECK_SIGNATURE_BYTES = 64 * 1024
 
 
+class StreamReads:
+    """The read deadline of every open stream, checked by one task a few times per deadline, instead of the
+    timer aiohttp cancels and sets again for every piece of a body it receives (``sock_read``): with a
+    thousand streams that timer showed as a twentieth of the relay's time. A stream that receives nothing
+    for ``seconds`` fails as aiohttp's own read timeout does."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._last: dict[aiohttp.ClientResponse, float] = {}  # each open stream's last read
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def watch(self, response: aiohttp.ClientResponse) -> None:
+        """Take over ``response``'s read deadline (its headers came under aiohttp's own)."""
+        if response.connection is not None and response.connection.protocol is not None:
+            response.connection.protocol.read_timeout = None  # its timer is dropped at the next read
+        self._last[response] = time.monotonic()
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="textgen-stream-reads")
+
+    def read(self, response: aiohttp.ClientResponse) -> None:
+        self._last[response] = time.monotonic()
+
+    def forget(self, response: aiohttp.ClientResponse) -> None:
+        self._last.pop(response, None)
+
+    async def _sweep(self) -> None:
+        interval = min(max(self.seconds / 4, 0.01), 1.0)
+        while self._last:
+            await asyncio.sleep(interval)
+            expired = time.monotonic() - self.seconds
+            for response, last in list(self._last.items()):
+                if last < expired:
+                    del self._last[response]
+                    response.content.set_exception(
+                        aiohttp.SocketTimeoutError("Timeout on reading data from socket")
+                    )
+                    response.close()
+
+    def cancel(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+
+
 class GeminiProvider:
     name = "gemini"
 
@@ -61,6 +104,7 @@ class GeminiProvider:
         self._proxy: tuple[yarl.URL | None, aiohttp.BasicAuth | None] = (None, None)
         self._files: genai.Client | None = None
         self._files_http: httpx2.AsyncClient | None = None
+        self._reads = StreamReads(settings.gemini_timeout_seconds)
 
     # -- the Provider protocol ------------------------------------------------------------
 
@@ -118,7 +162,7 @@ class GeminiProvider:
             ]:
                 # Retried as a whole until the first event: until then an error is still an HTTP status.
                 response = await session.post(url, data=payload, proxy=proxy, proxy_auth=proxy_auth)
-                events = _events(response)
+                events = _events(response, self._reads)
                 try:
                     if response.status != 200:
                         body = await response.read()
@@ -151,6 +195,7 @@ class GeminiProvider:
                 await _close(response, events)
 
     async def aclose(self) -> None:
+        self._reads.cancel()
         session, self._session = self._session, None
         files, self._files = self._files, None
         files_http, self._files_http = self._files_http, None
@@ -321,12 +366,19 @@ def _encode(body: dict[str, Any]) -> bytes:
     return jsoncodec.dumps(body)
 
 
-async def _events(response: aiohttp.ClientResponse) -> AsyncGenerator[dict[str, Any], None]:
+async def _events(
+    response: aiohttp.ClientResponse, reads: StreamReads
+) -> AsyncGenerator[dict[str, Any], None]:
     """The events of an SSE body as they arrive; the raw JSON error tail, if any, raises at the end."""
     parser = wire.SSEParser()
-    while data := await response.content.readany():
-        for event in parser.feed(data):
-            yield event
+    reads.watch(response)
+    try:
+        while data := await response.content.readany():
+            reads.read(response)
+            for event in parser.feed(data):
+                yield event
+    finally:
+        reads.forget(response)
     for event in parser.close():
         yield event
     parser.raise_deferred()
