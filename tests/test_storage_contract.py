@@ -201,8 +201,8 @@ async def test_an_expired_lease_is_reclaimed_and_only_the_new_holder_can_finish(
     assert second is not None and second.id == task.id and second.attempts == 2
     assert second.lease_owner == "w2"
     assert await store.tasks.claim("w3", 30) is None  # a live lease is not reclaimed
-    assert not await store.tasks.renew_lease(task.id, "dead-worker", 30)
-    assert await store.tasks.renew_lease(task.id, "w2", 30)
+    assert await store.tasks.renew_leases([task.id], "dead-worker", 30) == {}
+    assert await store.tasks.renew_leases([task.id, "no-such-task"], "w2", 30) == {task.id: False}
     assert await store.tasks.finish(task, "dead-worker", Outcome(status="done", cost=10)) is None
     finished = await store.tasks.finish(task, "w2", Outcome(status="done", cost=1000))
     assert finished is not None and finished.credits_used == 1000

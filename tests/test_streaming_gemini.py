@@ -94,7 +94,9 @@ async def test_a_stream_that_stalls_mid_way_fails_after_the_read_timeout(tmp_pat
         assert kinds == ["message", "message", "error"]
         error = events[-1][1]
         assert error["error"]["message"].startswith("Gemini did not answer in time")
-        await asyncio.wait_for(fake.abandoned.wait(), 10)  # closed by the deadline, not after the fake's stall
+        await asyncio.wait_for(
+            fake.abandoned.wait(), 10
+        )  # closed by the deadline, not after the fake's stall
         assert fake.streams_abandoned == 1 and fake.streams_completed == 0
         task = await server.wait_for(account, error["creatify"]["id"])
         assert task["status"] == "failed" and task["output_tokens"] > 0

@@ -1,7 +1,7 @@
 """One generation under a lease, whatever its mode.
 
-Sync, queued and streamed generations all run here: the task is leased to this process, a heartbeat keeps
-the lease, the upstream is timed, whatever the provider raises becomes an ``Outcome``, and the outcome is
+Sync, queued and streamed generations all run here: the task is leased to this process, one heartbeat per
+process renews all its leases in one statement, the upstream is timed, whatever the provider raises becomes an ``Outcome``, and the outcome is
 settled exactly once (the lease makes a second settlement impossible). ``Lifecycle.run`` drives a whole
 generation (sync and queued); a stream drives its own ``Lease`` chunk by chunk.
 """
@@ -45,33 +45,6 @@ def generation_input(task: TaskRow) -> GenerationInput:
     return GenerationInput.model_validate({**task.request, "model_name": task.model_name}, strict=False)
 
 
-async def hold_lease(
-    queue: TaskQueue,
-    task_id: str,
-    worker_id: str,
-    lease_seconds: float,
-    on_lost: Callable[[], object] | None = None,
-    on_cancel: Callable[[], object] | None = None,
-) -> None:
-    """Renew a task's lease until cancelled; ``on_lost`` runs if another worker has taken the task over,
-    ``on_cancel`` if someone asked to cancel the task (a fallback: the cancel channel is faster)."""
-    interval = max(lease_seconds / 3, 0.05)
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            held = await queue.renew_lease(task_id, worker_id, lease_seconds)
-        except StorageUnavailable as exc:
-            log.warning("task %s: lease renewal failed (%s); will retry", task_id, exc)
-            continue
-        if held.cancel_requested and on_cancel is not None:
-            on_cancel()
-        if not held:
-            log.warning("task %s: lease lost; abandoning generation", task_id)
-            if on_lost is not None:
-                on_lost()
-            return
-
-
 class Lease:
     """A generation in progress under this process's lease: its heartbeat, its timing, its settlement."""
 
@@ -88,16 +61,8 @@ class Lease:
         # The provider slot this generation holds until it stops (the worker took it when it claimed).
         self._slot = slot or lifecycle.capacity.take(spec.provider)
         self._watch = metrics.generation_started(spec.name, spec.provider)
-        self._heartbeat = asyncio.ensure_future(
-            hold_lease(
-                lifecycle.queue,
-                task.id,
-                lifecycle.worker_id,
-                lifecycle.lease_seconds,
-                on_lost,
-                self.request_cancel,
-            )
-        )
+        self._on_lost = on_lost
+        self.lost = False  # another worker has taken the task over
         self.settled = False
         self.cancel_requested = False
         # Why the generation is being stopped: a cancel, or the generation time limit.
@@ -108,6 +73,7 @@ class Lease:
         limit = lifecycle.generation_timeout
         self._time_limit = asyncio.get_running_loop().call_later(limit, self._time_up, limit)
         lifecycle.running[task.id] = self
+        lifecycle.keep_leases()
 
     def request_cancel(self, reason: str = CANCELLED_REASON) -> None:
         """Stop the generation (once), because someone cancelled the task or for ``reason``; its driver
@@ -126,10 +92,14 @@ class Lease:
         self.timed_out = True
         self.request_cancel(generation_timed_out(seconds))
 
-    @property
-    def lost(self) -> bool:
-        """Whether another worker has taken the task over."""
-        return self._heartbeat.done() and not self._heartbeat.cancelled()
+    def lose(self) -> None:
+        """Another worker has taken the task over: stop generating (``on_lost``); nothing will be settled."""
+        if self.lost or self.settled:
+            return
+        self.lost = True
+        log.warning("task %s: lease lost; abandoning generation", self.task.id)
+        if self._on_lost is not None:
+            self._on_lost()
 
     def first_chunk(self) -> None:
         self._watch.first_chunk()
@@ -138,8 +108,7 @@ class Lease:
         return self._watch.elapsed()
 
     def stop(self) -> float:
-        """Stop the heartbeat and the clock (idempotent); the generation's time so far, in seconds."""
-        self._heartbeat.cancel()
+        """Stop renewing the lease and the clock (idempotent); the generation's time so far, in seconds."""
         self._time_limit.cancel()
         self._slot.give_back()
         if self._lifecycle.running.get(self.task.id) is self:
@@ -175,6 +144,38 @@ class Lifecycle:
         self.lease_seconds = lease_seconds
         self.generation_timeout = generation_timeout  # a generation running longer is stopped
         self.running: dict[str, Lease] = {}  # the generations this process runs, by task id
+        self._keeper: asyncio.Task[None] | None = None
+
+    def keep_leases(self) -> None:
+        """Make sure the heartbeat runs while this process holds a lease."""
+        if self._keeper is None or self._keeper.done():
+            self._keeper = asyncio.get_running_loop().create_task(self._heartbeat(), name="textgen-leases")
+
+    async def _heartbeat(self) -> None:
+        """Every third of the lease, renew every lease this process holds in one statement (not one task and
+        one write per generation); a lease another worker took is lost, a task someone asked to cancel is
+        stopped (a fallback: the cancel channel is faster). Ends when no lease is held."""
+        interval = max(self.lease_seconds / 3, 0.05)
+        while self.running:
+            await asyncio.sleep(interval)
+            leases = [lease for lease in self.running.values() if not lease.lost]
+            if not leases:
+                continue
+            try:
+                held = await self.queue.renew_leases(
+                    [lease.task.id for lease in leases], self.worker_id, self.lease_seconds
+                )
+            except StorageUnavailable as exc:
+                log.warning("lease renewal of %d tasks failed (%s); will retry", len(leases), exc)
+                continue
+            for lease in leases:
+                if lease.settled or self.running.get(lease.task.id) is not lease:
+                    continue  # it ended while the renewal ran
+                cancel_requested = held.get(lease.task.id)
+                if cancel_requested is None:
+                    lease.lose()
+                elif cancel_requested:
+                    lease.request_cancel()
 
     def cancel_local(self, task_id: str, reason: str = CANCELLED_REASON) -> bool:
         """Stop ``task_id`` if this process runs it (a cancel request, from here or from another process, or

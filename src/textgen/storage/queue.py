@@ -21,7 +21,7 @@ from textgen.storage.accounts import ACCOUNT_BY_ID, INSERT_LEDGER
 from textgen.storage.database import Database
 from textgen.storage.idempotency import attach_task
 from textgen.storage.outbox import insert_delivery, new_delivery_id
-from textgen.storage.rows import Cursor, Outcome, Renewal, TaskRow, task_row, task_values, utcnow
+from textgen.storage.rows import Cursor, Outcome, TaskRow, task_row, task_values, utcnow
 from textgen.storage.tables import accounts, ledger, tasks, webhook_deliveries
 
 # Statements of the request path, built once: constructing and cache-keying them per call costs more than
@@ -119,9 +119,17 @@ _HELD = sa.and_(
     tasks.c.status == TaskStatus.RUNNING,
     tasks.c.lease_owner == _b("worker_id"),
 )
-_RENEW = (
-    tasks.update().where(_HELD).values(lease_expires_at=_b("expires")).returning(tasks.c.cancel_requested)
+_RENEW_MANY = (
+    tasks.update()
+    .where(
+        tasks.c.id.in_(sa.bindparam("ids", expanding=True)),
+        tasks.c.status == TaskStatus.RUNNING,
+        tasks.c.lease_owner == _b("worker_id"),
+    )
+    .values(lease_expires_at=_b("expires"))
+    .returning(tasks.c.id, tasks.c.cancel_requested)
 )
+_RENEW_BATCH = 500  # ids per statement (SQLite allows 32,766 parameters)
 _RELEASE = (
     tasks.update()
     .where(_HELD)
@@ -433,16 +441,25 @@ class TaskQueue:
         claimed.sort(key=lambda task: task.created_at)
         return claimed
 
-    async def renew_lease(self, task_id: str, worker_id: str, lease_seconds: float) -> Renewal:
-        """Extend a held lease; false when the lease was lost to another worker. The renewal also says
-        whether someone asked to cancel the task."""
-        params = {
-            "task_id": task_id,
-            "worker_id": worker_id,
-            "expires": utcnow() + dt.timedelta(seconds=lease_seconds),
-        }
-        row = await self.db.run(lambda conn: conn.execute(_RENEW, params).first())
-        return Renewal(held=row is not None, cancel_requested=bool(row and row.cancel_requested))
+    async def renew_leases(
+        self, task_ids: Sequence[str], worker_id: str, lease_seconds: float
+    ) -> dict[str, bool]:
+        """Extend the leases ``worker_id`` still holds among ``task_ids``, in one transaction: the ids held,
+        each with whether someone asked to cancel it (an id missing was lost to another worker or ended)."""
+        expires = utcnow() + dt.timedelta(seconds=lease_seconds)
+
+        def work(conn: Connection) -> dict[str, bool]:
+            held: dict[str, bool] = {}
+            for start in range(0, len(task_ids), _RENEW_BATCH):
+                params = {
+                    "ids": task_ids[start : start + _RENEW_BATCH],
+                    "worker_id": worker_id,
+                    "expires": expires,
+                }
+                held.update((row.id, bool(row.cancel_requested)) for row in conn.execute(_RENEW_MANY, params))
+            return held
+
+        return await self.db.run(work)
 
     async def release(self, task_id: str, worker_id: str, *, notify: bool = False) -> bool:
         """Give a running task back to the queue (graceful shutdown)."""

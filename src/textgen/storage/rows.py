@@ -80,17 +80,6 @@ class Outcome:
 
 
 @dataclass(frozen=True, slots=True)
-class Renewal:
-    """A lease renewal: true while the lease is held; ``cancel_requested`` when someone asked to stop."""
-
-    held: bool
-    cancel_requested: bool = False
-
-    def __bool__(self) -> bool:
-        return self.held
-
-
-@dataclass(frozen=True, slots=True)
 class Cursor:
     created_at: dt.datetime
     id: str
