@@ -685,6 +685,25 @@ async def test_connects_to_the_checked_address_and_keeps_the_host_name(
         assert "receiver.example" in dns.calls
 
 
+async def test_a_failed_connection_does_not_tell_the_address_a_name_resolved_to(
+    tmp_path: Path, models_file: Path
+) -> None:
+    with listening_socket() as probe:
+        port = probe.getsockname()[1]  # nothing listens once the probe is closed
+    async with run_server(settings_for(tmp_path, models_file), {"fake": FakeProvider()}) as server:
+        dns = ScriptedDNS({"down.example": ["127.0.0.1"]})
+        assert server.services.webhooks is not None
+        server.services.webhooks.policy.resolver = dns
+        account = await server.account()
+        task = await create(server, account, f"http://down.example:{port}/h")
+        delivery = await wait_delivery(server, account, task["id"], attempts=1)
+        [attempt] = delivery["attempts"]
+        assert attempt["status_code"] is None
+        assert attempt["error"].startswith("ConnectError: Connection refused")
+        assert "127.0.0.1" not in attempt["error"]
+        assert dns.calls == ["down.example", "down.example"]  # at create time, then when connecting
+
+
 # ---- the schedule and the address classes as data -------------------------------------------------
 
 

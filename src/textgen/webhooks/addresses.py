@@ -1,4 +1,4 @@
-"""Which network addresses a webhook may reach, and a connection backend that only reaches those.
+"""Which network addresses a webhook may reach, and a name resolver for the sender that only yields those.
 
 The same policy runs when a task is created (an early 400) and again when a delivery connects: the
 send-time check resolves the host, checks every address and connects to a checked address itself, so a
@@ -10,11 +10,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
-import httpcore
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
@@ -103,7 +102,7 @@ def address_class(address: IPAddress) -> str | None:
     return None
 
 
-def _literal(host: str) -> IPAddress | None:
+def literal_address(host: str) -> IPAddress | None:
     try:
         return ipaddress.ip_address(host.strip("[]"))
     except ValueError:
@@ -132,7 +131,7 @@ class AddressPolicy:
             return
         # The class only: quoting how this server's DNS resolved a name would tell the client about
         # the server's network.
-        shown = "" if _literal(host) == address else " resolves to an address that"
+        shown = "" if literal_address(host) == address else " resolves to an address that"
         raise RefusedDestination(
             f"host {host!r}{shown} is a {kind} address; webhooks only go to public addresses"
         )
@@ -144,7 +143,7 @@ class AddressPolicy:
     async def resolve(self, host: str, port: int) -> list[IPAddress]:
         """The addresses of ``host``, all checked; refuses when any of them is refused."""
         self.check_port(port)
-        literal = _literal(host)
+        literal = literal_address(host)
         if literal is not None:
             addresses: list[IPAddress] = [literal]
         else:
@@ -176,48 +175,30 @@ class AddressPolicy:
             raise
 
 
-class GuardedBackend(httpcore.AsyncNetworkBackend):
-    """Connects only to addresses the policy allows, resolving the name itself.
+class GuardedResolver(AbstractResolver):
+    """aiohttp's name resolution for webhooks: a name resolves only to addresses the policy allows, checked on
+    every new connection (the connector keeps no DNS cache), so a name that later resolves elsewhere (DNS
+    rebinding) is refused at send time. aiohttp keeps the URL's host name for TLS (SNI and certificate checks)
+    and in the ``Host`` header; only the TCP connection goes to the checked address. aiohttp does not ask the
+    resolver about a literal IP address: ``WebhookSender.send`` checks those itself."""
 
-    httpcore keeps the URL's host name for TLS (SNI and certificate checks) and httpx keeps it in the
-    ``Host`` header; only the TCP connection goes to the checked address.
-    """
-
-    def __init__(self, policy: AddressPolicy, inner: httpcore.AsyncNetworkBackend | None = None) -> None:
+    def __init__(self, policy: AddressPolicy) -> None:
         self.policy = policy
-        self.inner = inner or httpcore.AnyIOBackend()
 
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,  # noqa: ASYNC109 (httpcore interface)
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        addresses = await self.policy.resolve(host, port)
-        last: Exception | None = None
-        for address in addresses:
-            try:
-                return await self.inner.connect_tcp(
-                    str(address),
-                    port,
-                    timeout=timeout,
-                    local_address=local_address,
-                    socket_options=socket_options,
-                )
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                last = exc
-        assert last is not None
-        raise last
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        return [
+            ResolveResult(
+                hostname=host,
+                host=str(address),
+                port=port,
+                family=socket.AF_INET6 if address.version == 6 else socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
+            for address in await self.policy.resolve(host, port)
+        ]
 
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,  # noqa: ASYNC109
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        raise RefusedDestination("webhooks never connect to unix sockets")
-
-    async def sleep(self, seconds: float) -> None:
-        await self.inner.sleep(seconds)
+    async def close(self) -> None:
+        return None
