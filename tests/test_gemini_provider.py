@@ -6,9 +6,11 @@ import asyncio
 import base64
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from google.genai import errors as genai_errors
 
@@ -363,3 +365,42 @@ async def test_the_proxy_from_the_environment_carries_every_call(
     assert generated.text == fake.reply_text
     assert "".join(c.text for c in chunks) == fake.reply_text
     assert fake.last.stream
+
+
+class _Body:
+    def __init__(self) -> None:
+        self.exception: BaseException | None = None
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.exception = exc
+
+
+class _Response:
+    """What ``StreamReads`` touches of an aiohttp response."""
+
+    def __init__(self) -> None:
+        self.connection = None
+        self.content = _Body()
+        self.closed = asyncio.Event()
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+async def test_only_a_stream_waiting_for_data_is_timed() -> None:
+    """A relay waiting for the upstream's next data past the deadline is failed as a read timeout; one whose
+    client reads slowly (the relay is not asking for data) is not, however long that lasts."""
+    reads = gemini.StreamReads(0.05)
+    silent, slow = _Response(), _Response()
+    reads.watch(silent)  # type: ignore[arg-type]
+    reads.watch(slow)  # type: ignore[arg-type]
+    reads.waiting(silent, time.monotonic())  # type: ignore[arg-type]
+    await asyncio.wait_for(silent.closed.wait(), 10)
+    assert isinstance(silent.content.exception, aiohttp.SocketTimeoutError)
+    for _ in range(5):  # several sweeps, each past the deadline
+        await asyncio.sleep(0.05)
+    assert not slow.closed.is_set() and slow.content.exception is None
+    reads.waiting(slow, time.monotonic() - 1)  # type: ignore[arg-type]
+    await asyncio.wait_for(slow.closed.wait(), 10)
+    reads.forget(slow)  # type: ignore[arg-type]
+    reads.cancel()

@@ -381,3 +381,32 @@ async def test_a_grouped_write_whose_statement_fails_fails_alone(pg_url: str) ->
         assert rate == 60 + 4
     finally:
         await store.aclose()
+
+
+async def test_a_renewal_skips_a_row_another_transaction_holds_and_keeps_its_lease(store: Storage) -> None:
+    """On PostgreSQL the renewal of many leases does not wait for a row locked elsewhere (a settlement group
+    that locks its tasks in another order could deadlock with it): the locked task is read instead, still
+    held, so it is not taken for lost. On SQLite there is no other writer to wait for."""
+    account = await new_account(store, 10_000)
+    first, second = await new_task(store, account), await new_task(store, account)
+    assert {t.id for t in [await store.tasks.claim("w", 30), await store.tasks.claim("w", 30)] if t} == {
+        first.id,
+        second.id,
+    }
+    if not store.db.is_postgres:
+        assert await store.tasks.renew_leases([first.id, second.id], "w", 30) == {
+            first.id: False,
+            second.id: False,
+        }
+        return
+    async with store.db.engine.connect() as other:
+        await other.execute(sa.text("SELECT 1 FROM tasks WHERE id = :id FOR UPDATE"), {"id": first.id})
+        before = await store.tasks.get(first.id)
+        held = await asyncio.wait_for(store.tasks.renew_leases([first.id, second.id], "w", 600), 10)
+        assert held == {first.id: False, second.id: False}
+        await other.rollback()
+    # The locked one kept its old expiry (renewed next time); the other was renewed.
+    assert (await store.tasks.get(first.id)).lease_expires_at == before.lease_expires_at
+    renewed = await store.tasks.get(second.id)
+    assert renewed.lease_expires_at is not None and before.lease_expires_at is not None
+    assert renewed.lease_expires_at > before.lease_expires_at

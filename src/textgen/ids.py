@@ -19,6 +19,7 @@ class _Pool:
         self._offset = 0
 
     def take(self, size: int) -> bytes:
+        assert size <= _BLOCK
         with self._lock:
             if self._offset + size > len(self._buffer):
                 self._buffer, self._offset = os.urandom(_BLOCK), 0

@@ -168,14 +168,26 @@ class Lifecycle:
             except StorageUnavailable as exc:
                 log.warning("lease renewal of %d tasks failed (%s); will retry", len(leases), exc)
                 continue
+            except Exception:  # the one heartbeat of every lease must outlive any one failure
+                log.exception("lease renewal of %d tasks failed; will retry", len(leases))
+                continue
             for lease in leases:
                 if lease.settled or self.running.get(lease.task.id) is not lease:
                     continue  # it ended while the renewal ran
                 cancel_requested = held.get(lease.task.id)
-                if cancel_requested is None:
-                    lease.lose()
-                elif cancel_requested:
-                    lease.request_cancel()
+                try:
+                    if cancel_requested is None:
+                        lease.lose()
+                    elif cancel_requested:
+                        lease.request_cancel()
+                except Exception:
+                    log.exception("task %s: stopping it after its lease renewal failed", lease.task.id)
+
+    async def aclose(self) -> None:
+        """Stop the heartbeat (shutdown: whatever still runs is released or abandoned to its lease)."""
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
 
     def cancel_local(self, task_id: str, reason: str = CANCELLED_REASON) -> bool:
         """Stop ``task_id`` if this process runs it (a cancel request, from here or from another process, or

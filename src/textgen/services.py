@@ -214,6 +214,7 @@ class Services:
         for task in self.background:
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
+        await self.lifecycle.aclose()
         await self.registry.aclose()
         await self.limiter.aclose()
         await self.storage.aclose()

@@ -45,36 +45,38 @@ LIGHT_CHECK_SIGNATURE_BYTES = 64 * 1024
 class StreamReads:
     """The read deadline of every open stream, checked by one task a few times per deadline, instead of the
     timer aiohttp cancels and sets again for every piece of a body it receives (``sock_read``): with a
-    thousand streams that timer showed as a twentieth of the relay's time. A stream that receives nothing
-    for ``seconds`` fails as aiohttp's own read timeout does."""
+    thousand streams that timer showed as a twentieth of the relay's time. A stream that waits ``seconds``
+    for its next data fails as aiohttp's own read timeout does; a stream not waiting (its client reads
+    slowly, so the relay is not asking for more) is not timed."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
-        self._last: dict[aiohttp.ClientResponse, float] = {}  # each open stream's last read
+        self._waiting: dict[aiohttp.ClientResponse, float | None] = {}  # open streams: waiting since
         self._sweeper: asyncio.Task[None] | None = None
 
     def watch(self, response: aiohttp.ClientResponse) -> None:
         """Take over ``response``'s read deadline (its headers came under aiohttp's own)."""
         if response.connection is not None and response.connection.protocol is not None:
             response.connection.protocol.read_timeout = None  # its timer is dropped at the next read
-        self._last[response] = time.monotonic()
+        self._waiting[response] = None
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="textgen-stream-reads")
 
-    def read(self, response: aiohttp.ClientResponse) -> None:
-        self._last[response] = time.monotonic()
+    def waiting(self, response: aiohttp.ClientResponse, since: float | None) -> None:
+        """``response``'s relay waits for data from ``since`` (a ``time.monotonic()``), or no longer (None)."""
+        self._waiting[response] = since
 
     def forget(self, response: aiohttp.ClientResponse) -> None:
-        self._last.pop(response, None)
+        self._waiting.pop(response, None)
 
     async def _sweep(self) -> None:
         interval = min(max(self.seconds / 4, 0.01), 1.0)
-        while self._last:
+        while self._waiting:
             await asyncio.sleep(interval)
             expired = time.monotonic() - self.seconds
-            for response, last in list(self._last.items()):
-                if last < expired:
-                    del self._last[response]
+            for response, since in list(self._waiting.items()):
+                if since is not None and since < expired:
+                    del self._waiting[response]
                     response.content.set_exception(
                         aiohttp.SocketTimeoutError("Timeout on reading data from socket")
                     )
@@ -373,8 +375,12 @@ async def _events(
     parser = wire.SSEParser()
     reads.watch(response)
     try:
-        while data := await response.content.readany():
-            reads.read(response)
+        while True:
+            reads.waiting(response, time.monotonic())
+            data = await response.content.readany()
+            reads.waiting(response, None)
+            if not data:
+                break
             for event in parser.feed(data):
                 yield event
     finally:

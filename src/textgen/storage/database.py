@@ -193,8 +193,11 @@ class SqliteWriter:
                 with conn.begin():
                     _run_jobs(conn, group)
             except BaseException:
-                if conn.invalidated:  # a new connection for the next group
-                    self._conn = None
+                # A failed group (a COMMIT that failed may leave the driver inside its transaction) leaves its
+                # connection behind: closing returns it to the pool, whose reset rolls back; the next group
+                # starts on a fresh one.
+                self._conn = None
+                with contextlib.suppress(Exception):
                     conn.close()
                 raise
         except BaseException as exc:

@@ -119,16 +119,31 @@ _HELD = sa.and_(
     tasks.c.status == TaskStatus.RUNNING,
     tasks.c.lease_owner == _b("worker_id"),
 )
+_HELD_AMONG = sa.and_(
+    tasks.c.id.in_(sa.bindparam("ids", expanding=True)),
+    tasks.c.status == TaskStatus.RUNNING,
+    tasks.c.lease_owner == _b("worker_id"),
+)
 _RENEW_MANY = (
     tasks.update()
+    .where(_HELD_AMONG)
+    .values(lease_expires_at=_b("expires"))
+    .returning(tasks.c.id, tasks.c.cancel_requested)
+)
+# PostgreSQL: the rows another transaction holds (a settlement group, a cancel) are skipped, not waited for: a
+# renewal that waited while holding the rows it had locked could deadlock with a group settling the same tasks
+# in another order. A skipped row is read without a lock instead, and keeps its lease until the next renewal.
+_RENEW_MANY_SKIP_LOCKED = (
+    tasks.update()
     .where(
-        tasks.c.id.in_(sa.bindparam("ids", expanding=True)),
-        tasks.c.status == TaskStatus.RUNNING,
-        tasks.c.lease_owner == _b("worker_id"),
+        tasks.c.id.in_(
+            sa.select(tasks.c.id).where(_HELD_AMONG).order_by(tasks.c.id).with_for_update(skip_locked=True)
+        )
     )
     .values(lease_expires_at=_b("expires"))
     .returning(tasks.c.id, tasks.c.cancel_requested)
 )
+_HELD_NOW = sa.select(tasks.c.id, tasks.c.cancel_requested).where(_HELD_AMONG)
 _RENEW_BATCH = 500  # ids per statement (SQLite allows 32,766 parameters)
 _RELEASE = (
     tasks.update()
@@ -448,15 +463,20 @@ class TaskQueue:
         each with whether someone asked to cancel it (an id missing was lost to another worker or ended)."""
         expires = utcnow() + dt.timedelta(seconds=lease_seconds)
 
+        renew = _RENEW_MANY_SKIP_LOCKED if self.db.is_postgres else _RENEW_MANY
+
         def work(conn: Connection) -> dict[str, bool]:
             held: dict[str, bool] = {}
             for start in range(0, len(task_ids), _RENEW_BATCH):
-                params = {
-                    "ids": task_ids[start : start + _RENEW_BATCH],
-                    "worker_id": worker_id,
-                    "expires": expires,
-                }
-                held.update((row.id, bool(row.cancel_requested)) for row in conn.execute(_RENEW_MANY, params))
+                ids = task_ids[start : start + _RENEW_BATCH]
+                params = {"ids": ids, "worker_id": worker_id, "expires": expires}
+                held.update((row.id, bool(row.cancel_requested)) for row in conn.execute(renew, params))
+                skipped = [task_id for task_id in ids if task_id not in held]
+                if skipped and self.db.is_postgres:
+                    params["ids"] = skipped
+                    held.update(
+                        (row.id, bool(row.cancel_requested)) for row in conn.execute(_HELD_NOW, params)
+                    )
             return held
 
         return await self.db.run(work)

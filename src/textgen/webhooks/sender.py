@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import aiohttp
+import aiohttp.helpers
+import yarl
 from standardwebhooks import Webhook
 
 from textgen import __version__, metrics
@@ -35,7 +37,7 @@ from textgen.storage.accounts import AccountStore
 from textgen.storage.outbox import Offer, Outbox
 from textgen.storage.retrying import retrying
 from textgen.storage.rows import AccountRow, AttemptRecord, DeliveryRow, utcnow
-from textgen.webhooks.addresses import AddressPolicy, GuardedResolver, RefusedDestination, literal_address
+from textgen.webhooks.addresses import AddressPolicy, GuardedResolver, RefusedDestination
 from textgen.webhooks.retry import GiveUp, Retry, RetrySchedule
 
 log = logging.getLogger("textgen.webhooks")
@@ -330,10 +332,12 @@ class WebhookSender(ClaimLoop[DeliveryRow]):
             self._session = guarded_session(self.policy, self.concurrency, self._ssl_context)
         try:
             async with asyncio.timeout(self.timeout):
-                parts = urlsplit(delivery.url)
-                host = parts.hostname or ""
-                if literal_address(host) is not None:  # aiohttp does not resolve these: checked here
-                    await self.policy.resolve(host, parts.port or (443 if parts.scheme == "https" else 80))
+                # aiohttp connects to the URL's host as yarl reads it (IDNA applied: full-width digits become
+                # an IPv4 address) and asks no resolver about an IP address: those are checked here.
+                url = yarl.URL(delivery.url)
+                host = url.raw_host or ""
+                if aiohttp.helpers.is_ip_address(host):
+                    await self.policy.resolve(host, url.port if url.port is not None else 0)
                 async with self._session.post(
                     delivery.url, data=delivery.payload.encode(), headers=headers, allow_redirects=False
                 ) as response:
