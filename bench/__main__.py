@@ -381,13 +381,15 @@ def bench_queue(ctx: Context) -> None:
 def bench_embedded(ctx: Context) -> None:
     print("== embedded model: tokens/s", flush=True)
     plan = ctx.plan
-    direct = embedded.direct(plan.embedded_tokens, plan.embedded_rounds)
     up = start_upstream(ctx.group, "fake-embedded")
     with textgen_on(ctx.group, "sqlite", up, ctx.workdir, "textgen-embedded") as tg:
-        through = embedded.through_textgen(tg, plan.embedded_tokens, plan.embedded_rounds)
+        found = embedded.compare(tg, plan.embedded_tokens, plan.embedded_rounds)
     ctx.group.stop(up.proc)
+    direct, through = found.direct, found.textgen
+    spread = f"{min(found.ratios) * 100:.1f}-{max(found.ratios) * 100:.1f} %" if found.ratios else "n/a"
     print(
-        f"  llama-cpp-python {direct.per_second:.1f} tok/s, through textgen {through.per_second:.1f} tok/s",
+        f"  llama-cpp-python {direct.per_second:.1f} tok/s, through textgen {through.per_second:.1f} tok/s "
+        f"(rounds: {spread} of llama-cpp-python's)",
         flush=True,
     )
     ctx.results["embedded"] = {
@@ -395,6 +397,7 @@ def bench_embedded(ctx: Context) -> None:
         "textgen": through.__dict__ | {"per_second": through.per_second},
         "max_tokens": plan.embedded_tokens,
         "rounds": plan.embedded_rounds,
+        "round_ratios": found.ratios,
     }
 
 

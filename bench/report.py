@@ -7,6 +7,7 @@ written by hand and kept as it is.
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -509,10 +510,23 @@ def _embedded(e: dict[str, Any], raw: dict[str, Any], lines: list[str]) -> None:
         f"| through textgen (sync request) | {e['textgen']['tokens']} | {fmt(e['textgen']['seconds'])} | {fmt(e['textgen']['per_second'], 1)} |",
         "",
         f"textgen reaches {fmt(None if r is None else r * 100, 1)} % of llama-cpp-python's tokens/s; same prompt, "
-        f"max {e['max_tokens']} tokens, {e['rounds']} rounds after a warm-up, the same sampling settings and threads "
-        "(the spread over rounds is not measured yet).",
+        f"max {e['max_tokens']} tokens, {e['rounds']} rounds after a warm-up, the same sampling settings and threads"
+        + _round_spread(e),
         "",
     ]
+
+
+def _round_spread(e: dict[str, Any]) -> str:
+    """The per-round ratios, when the run interleaved its rounds (older runs did not)."""
+    ratios = e.get("round_ratios")
+    if not ratios:
+        return " (the spread over rounds was not measured in this run)."
+    low, high = min(ratios) * 100, max(ratios) * 100
+    return (
+        f"; one round of each in turn, so both meet the same machine. Round by round textgen reached "
+        f"{low:.1f}-{high:.1f} % (median {statistics.median(ratios) * 100:.1f} %): a spread of "
+        f"{high - low:.1f} points."
+    )
 
 
 def _soak(s: dict[str, Any], raw: dict[str, Any], lines: list[str]) -> None:
