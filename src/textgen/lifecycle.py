@@ -1,9 +1,9 @@
 """One generation under a lease, whatever its mode.
 
 Sync, queued and streamed generations all run here: the task is leased to this process, one heartbeat per
-process renews all its leases in one statement, the upstream is timed, whatever the provider raises becomes an ``Outcome``, and the outcome is
-settled exactly once (the lease makes a second settlement impossible). ``Lifecycle.run`` drives a whole
-generation (sync and queued); a stream drives its own ``Lease`` chunk by chunk.
+process renews all its leases in one statement, the upstream is timed, whatever the provider raises becomes an
+``Outcome``, and the outcome is settled exactly once (the lease makes a second settlement impossible).
+``Lifecycle.run`` drives a whole generation (sync and queued); a stream drives its own ``Lease`` chunk by chunk.
 """
 
 from __future__ import annotations
