@@ -471,8 +471,7 @@ class TaskQueue:
                 ids = task_ids[start : start + _RENEW_BATCH]
                 params = {"ids": ids, "worker_id": worker_id, "expires": expires}
                 held.update((row.id, bool(row.cancel_requested)) for row in conn.execute(renew, params))
-                skipped = [task_id for task_id in ids if task_id not in held]
-                if skipped and self.db.is_postgres:
+                if self.db.is_postgres and (skipped := [task_id for task_id in ids if task_id not in held]):
                     params["ids"] = skipped
                     held.update(
                         (row.id, bool(row.cancel_requested)) for row in conn.execute(_HELD_NOW, params)
